@@ -1,0 +1,244 @@
+"""The user-facing optimizer: RMS scaling, learning rate, momentum and weight decay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import _checks
+from rmsprop_jax.transform import (
+    check_rms_args,
+    compute_dtype,
+    flatten_like_state,
+    flatten_params,
+    init_moments,
+    needs_zero_guard,
+    rms_scale_leaf,
+    state_dtypes,
+)
+
+WeightDecayMask = Any | Callable[[optax.Params], Any]
+
+
+class RMSpropState(NamedTuple):
+    """State of `rmsprop`.
+
+    The fields are the same for every hyperparameter value; options that are
+    off hold None instead of parameter-sized arrays.
+
+    Attributes:
+      count: int32 number of updates applied (saturating). The learning-rate
+        schedule is called with it before it is incremented.
+      nu: running average of squared gradients, shaped like the params.
+      mu: running average of gradients when ``centered=True``, else None.
+      momentum: momentum buffer when ``momentum`` is not None, else None.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    nu: optax.Updates
+    mu: optax.Updates | None
+    momentum: optax.Updates | None
+
+
+def _is_off(value: Any) -> bool:
+    """True when a hyperparameter is a concrete zero, so its work can be skipped."""
+    return _checks.concrete_float(value) == 0.0
+
+
+def _mask_leaves(mask: WeightDecayMask | None, params: optax.Params, treedef: jax.tree_util.PyTreeDef) -> list[bool]:
+    """Per-leaf booleans saying which leaves get weight decay."""
+    if mask is None:
+        return [True] * treedef.num_leaves
+    tree = mask(params) if callable(mask) else mask
+    leaves, mask_treedef = jax.tree.flatten(tree)
+    _checks.check_same_structure(treedef, mask_treedef, "params", "weight_decay_mask")
+    try:
+        return [bool(leaf) for leaf in leaves]
+    except jax.errors.ConcretizationTypeError as error:
+        raise TypeError("weight_decay_mask leaves must be Python bools, not traced arrays.") from error
+
+
+def rmsprop(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: chex.Numeric = 0.9,
+    eps: chex.Numeric = 1e-8,
+    *,
+    eps_in_sqrt: bool = False,
+    initial_scale: chex.Numeric = 0.0,
+    centered: bool = False,
+    momentum: chex.Numeric | None = None,
+    nesterov: bool = False,
+    lr_in_momentum: bool = True,
+    bias_correction: bool = False,
+    weight_decay: chex.Numeric = 0.0,
+    decoupled_weight_decay: bool = False,
+    weight_decay_mask: WeightDecayMask | None = None,
+    nu_dtype: Any = None,
+    split_complex: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""RMSprop: gradient descent with per-element step sizes from a running RMS.
+
+    With :math:`g` the gradient, :math:`x` the params, :math:`t` the 1-based
+    step and :math:`\eta_t` the learning rate (a schedule is called with
+    :math:`t-1`), one step is
+
+    1. coupled weight decay: :math:`g \leftarrow g + \lambda x`;
+    2. :math:`v \leftarrow \gamma v + (1-\gamma)|g|^2`, with
+       :math:`v_0` = ``initial_scale``;
+    3. centered: :math:`m \leftarrow \gamma m + (1-\gamma) g` and
+       :math:`\hat v \leftarrow \max(\hat v - |\hat m|^2, 0)`;
+    4. bias correction: :math:`\hat v = v / (1-\gamma^t)`,
+       :math:`\hat m = m / (1-\gamma^t)`;
+    5. :math:`s = g / (\sqrt{\hat v} + \epsilon)`, or
+       :math:`g / \sqrt{\hat v + \epsilon}` with ``eps_in_sqrt``;
+    6. momentum :math:`\mu`: with ``lr_in_momentum`` (TF1/Keras/optax)
+       :math:`b \leftarrow \mu b + \eta_t s`, update :math:`-b` (Nesterov:
+       :math:`-(\mu b + \eta_t s)`); otherwise (PyTorch)
+       :math:`b \leftarrow \mu b + s`, update :math:`-\eta_t b` (Nesterov:
+       :math:`-\eta_t(\mu b + s)`); no momentum: update :math:`-\eta_t s`;
+    7. decoupled weight decay: update :math:`\leftarrow` update
+       :math:`- \eta_t \lambda x` (not passed through the momentum).
+
+    With the defaults this is the rule of Hinton's lecture 6e,
+    :math:`x \leftarrow x - \eta g/(\sqrt{v} + 10^{-8})` with
+    :math:`\gamma = 0.9` and :math:`v_0 = 0`. Note that ``optax.rmsprop``
+    defaults to eps inside the root; pass ``eps_in_sqrt=True`` to match it.
+
+    Args:
+      learning_rate: a non-negative number, a scalar array, or an optax
+        schedule called with the 0-based step count.
+      decay: decay rate :math:`\gamma` of the averages, in [0, 1).
+      eps: :math:`\epsilon` >= 0.
+      eps_in_sqrt: put eps inside the square root.
+      initial_scale: starting value of ``nu``, >= 0 (TF1 uses 1.0).
+      centered: normalise by the running standard deviation (Graves, 2013).
+      momentum: momentum coefficient in [0, 1), or None for no momentum
+        (and no momentum buffer).
+      nesterov: use Nesterov momentum (needs ``momentum``).
+      lr_in_momentum: scale by the learning rate before the momentum buffer
+        (TF1, Keras, optax) rather than after it (PyTorch). The two differ
+        only when the learning rate changes over time.
+      bias_correction: correct the averages for their zero start as in Adam.
+      weight_decay: :math:`\lambda` >= 0.
+      decoupled_weight_decay: apply weight decay to the update, scaled by the
+        learning rate (AdamW/Keras), instead of adding it to the gradient
+        (PyTorch's L2).
+      weight_decay_mask: a pytree of bools shaped like the params, or a
+        function from params to one, selecting the leaves to decay.
+      nu_dtype: dtype of the state (``nu``, ``mu`` and momentum). None keeps
+        the params' precision, except bfloat16/float16 params get float32.
+      split_complex: treat the real and imaginary parts of complex params as
+        independent reals (PyTorch) instead of averaging :math:`|g|^2`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is an
+      `RMSpropState`. Its updates are to be added to the params with
+      ``optax.apply_updates``; they have the dtype of the gradients.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
+      >>> loss = lambda p: jnp.sum((p["w"] - 3.0) ** 2)
+      >>> tx = optax.chain(optax.clip_by_global_norm(1.0), rmsprop_jax.rmsprop(0.1))
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = tx.init(params)
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     updates, state = tx.update(jax.grad(loss)(params), state, params)
+      ...     return optax.apply_updates(params, updates), state
+      >>> for _ in range(100):
+      ...     params, state = step(params, state)
+      >>> bool(jnp.allclose(params["w"], 3.0, atol=0.1))
+      True
+
+    References:
+      Hinton, Srivastava and Swersky, *Neural Networks for Machine Learning*,
+      lecture 6e (2012); Graves, *Generating Sequences With Recurrent Neural
+      Networks*, arXiv:1308.0850 (2013); Loshchilov and Hutter, *Decoupled
+      Weight Decay Regularization*, ICLR 2019.
+    """
+    state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
+    _checks.check_learning_rate(learning_rate)
+    if momentum is None:
+        if nesterov:
+            raise ValueError("nesterov=True needs momentum: pass momentum in [0, 1), e.g. 0.9.")
+    else:
+        _checks.check_interval("momentum", momentum, 0.0, 1.0, high_open=True)
+    _checks.check_interval("weight_decay", weight_decay, 0.0)
+    guard_zero = needs_zero_guard(eps)
+    use_decay = not _is_off(weight_decay)
+    coupled = use_decay and not decoupled_weight_decay
+    decoupled = use_decay and decoupled_weight_decay
+
+    def init_fn(params: optax.Params) -> RMSpropState:
+        nu, mu = init_moments(params, initial_scale, centered, state_dtype, split_complex)
+        buffer = None
+        if momentum is not None:
+            buffer = jax.tree.map(
+                lambda p: jnp.zeros_like(p, dtype=state_dtypes(jnp.result_type(p), state_dtype)[1]), params
+            )
+        return RMSpropState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu, momentum=buffer)
+
+    def update_fn(
+        updates: optax.Updates, state: RMSpropState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[optax.Updates, RMSpropState]:
+        del extra_args
+        treedef, g_leaves, nu_leaves, mu_leaves = flatten_like_state(updates, state.nu, state.mu)
+        n = len(g_leaves)
+        x_leaves: list[Any] = [None] * n
+        decay_mask = [False] * n
+        if use_decay:
+            x_leaves = flatten_params(params, treedef, "weight_decay")
+            decay_mask = _mask_leaves(weight_decay_mask, params, treedef)
+        b_leaves = [None] * n if state.momentum is None else jax.tree.leaves(state.momentum)
+
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        count = optax.safe_increment(state.count)
+        out, nu_out, mu_out, b_out = [], [], [], []
+        for g, nu, mu, b, x, decays in zip(g_leaves, nu_leaves, mu_leaves, b_leaves, x_leaves, decay_mask, strict=True):
+            cdtype = compute_dtype(g.dtype, nu.dtype)
+            real = jnp.finfo(cdtype).dtype
+            eta = jnp.asarray(lr, real)
+            wd = jnp.asarray(weight_decay, real)
+            g32 = g.astype(cdtype)
+            if coupled and decays:
+                g32 = g32 + wd * x.astype(cdtype)
+            s, nu_new, mu_new = rms_scale_leaf(
+                g32,
+                nu,
+                mu,
+                count,
+                decay,
+                eps,
+                eps_in_sqrt=eps_in_sqrt,
+                centered=centered,
+                bias_correction=bias_correction,
+                guard_zero=guard_zero,
+            )
+            if b is None:
+                update = -eta * s
+            else:
+                mom = jnp.asarray(momentum, real)
+                step = eta * s if lr_in_momentum else s
+                b_new = mom * b.astype(cdtype) + step
+                direction = mom * b_new + step if nesterov else b_new
+                update = -direction if lr_in_momentum else -eta * direction
+                b = b_new.astype(b.dtype)
+            if decoupled and decays:
+                update = update - eta * wd * x.astype(cdtype)
+            out.append(update.astype(g.dtype))
+            nu_out.append(nu_new)
+            mu_out.append(mu_new)
+            b_out.append(b)
+        return jax.tree.unflatten(treedef, out), RMSpropState(
+            count=count,
+            nu=jax.tree.unflatten(treedef, nu_out),
+            mu=jax.tree.unflatten(treedef, mu_out) if centered else None,
+            momentum=None if state.momentum is None else jax.tree.unflatten(treedef, b_out),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

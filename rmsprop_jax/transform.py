@@ -1,0 +1,297 @@
+"""The RMS scaling block: squared-gradient averages and the per-element rescale.
+
+Everything that `scale_by_rms` and the `rmsprop` alias share lives here: the
+state dtypes, the creation of the moment buffers and the per-leaf arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import _checks
+
+
+class ScaleByRmsState(NamedTuple):
+    """State of `scale_by_rms`.
+
+    Attributes:
+      count: int32 number of updates applied, saturating at the int32 maximum.
+      nu: running average of squared gradients, shaped like the params (real
+        valued, also for complex params). Stored without bias correction.
+      mu: running average of gradients when ``centered=True``, else None.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+    nu: optax.Updates
+    mu: optax.Updates | None
+
+
+def state_dtypes(
+    param_dtype: Any, nu_dtype: jnp.dtype | None, split_complex: bool = False
+) -> tuple[jnp.dtype, jnp.dtype]:
+    """The dtypes of (nu, mu and momentum) for one leaf.
+
+    By default the state follows the params, except that half-precision params
+    get float32 state: in bfloat16 ``0.999 * v`` rounds back to ``v`` and the
+    average would never forget. Complex params keep a real ``nu`` (it holds
+    |g|^2) and complex ``mu``/momentum; with `split_complex`, ``nu`` is complex
+    too, holding the average of re(g)^2 in its real part and of im(g)^2 in
+    its imaginary part.
+    """
+    param_dtype = jnp.dtype(param_dtype)
+    real = jnp.finfo(param_dtype).dtype
+    if nu_dtype is None:
+        nu_dtype = jnp.dtype(jnp.float32) if real.itemsize < 4 else real
+    if jnp.issubdtype(param_dtype, jnp.complexfloating):
+        complex_dtype = jnp.result_type(nu_dtype, jnp.complex64)
+        return (complex_dtype if split_complex else nu_dtype), complex_dtype
+    return nu_dtype, nu_dtype
+
+
+def compute_dtype(*dtypes: Any) -> jnp.dtype:
+    """At least float32, and wide enough for every dtype given (complex stays complex)."""
+    return jnp.result_type(jnp.float32, *dtypes)
+
+
+def _real(dtype: jnp.dtype) -> jnp.dtype:
+    return jnp.finfo(dtype).dtype
+
+
+def init_moments(
+    params: optax.Params,
+    initial_scale: Any,
+    centered: bool,
+    nu_dtype: jnp.dtype | None,
+    split_complex: bool,
+) -> tuple[optax.Updates, optax.Updates | None]:
+    """Builds ``nu`` (filled with `initial_scale`) and, if centered, a zero ``mu``."""
+    leaves, treedef = jax.tree.flatten(params)
+    _checks.check_inexact(leaves, "params")
+    dtypes = [state_dtypes(jnp.result_type(p), nu_dtype, split_complex) for p in leaves]
+
+    def fill(p: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        # A split complex nu starts at initial_scale in both components.
+        value = initial_scale * (1 + 1j) if jnp.issubdtype(dtype, jnp.complexfloating) else initial_scale
+        return jnp.full_like(p, value, dtype=dtype)
+
+    nu = [fill(p, d_nu) for p, (d_nu, _) in zip(leaves, dtypes, strict=True)]
+    mu = [jnp.zeros_like(p, dtype=d_mu) for p, (_, d_mu) in zip(leaves, dtypes, strict=True)] if centered else None
+    return jax.tree.unflatten(treedef, nu), None if mu is None else jax.tree.unflatten(treedef, mu)
+
+
+def flatten_like_state(
+    updates: optax.Updates, nu: optax.Updates, mu: optax.Updates | None
+) -> tuple[jax.tree_util.PyTreeDef, list[jax.Array], list[jax.Array], list[Any]]:
+    """Flattens the incoming updates and the moments, checking that they line up."""
+    g, treedef = jax.tree.flatten(updates)
+    _checks.check_same_structure(jax.tree.structure(nu), treedef, "optimizer state (nu)", "updates")
+    _checks.check_inexact(g, "gradients")
+    mu_leaves = [None] * len(g) if mu is None else jax.tree.leaves(mu)
+    return treedef, g, jax.tree.leaves(nu), mu_leaves
+
+
+def flatten_params(params: optax.Params | None, treedef: jax.tree_util.PyTreeDef, why: str) -> list[jax.Array]:
+    """The leaves of `params`, which must be given and match the updates."""
+    if params is None:
+        raise ValueError(f"{why} needs the params: call update(updates, state, params).")
+    leaves, params_treedef = jax.tree.flatten(params)
+    _checks.check_same_structure(treedef, params_treedef, "updates", "params")
+    return leaves
+
+
+def rms_scale_leaf(
+    g: jax.Array,
+    nu: jax.Array,
+    mu: jax.Array | None,
+    count: jax.Array,
+    decay: Any,
+    eps: Any,
+    *,
+    eps_in_sqrt: bool,
+    centered: bool,
+    bias_correction: bool,
+    guard_zero: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """One leaf of the RMS step, in at least float32.
+
+    Args:
+      g: the incoming update (already cast to the compute dtype).
+      nu, mu: this leaf's moments as stored. A complex ``nu`` means the real
+        and imaginary parts are treated as independent reals.
+      count: the 1-based step number t (used for bias correction).
+      guard_zero: define 0/0 as 0, needed when eps may be zero.
+
+    Returns:
+      ``(s, nu_new, mu_new)``: ``s = g / denominator`` in the compute dtype and
+      the new moments in their storage dtypes.
+    """
+    kwargs = dict(eps_in_sqrt=eps_in_sqrt, centered=centered, bias_correction=bias_correction, guard_zero=guard_zero)
+    if jnp.iscomplexobj(nu):
+        # Split complex: run the real rule on (re, im) pairs and pack back.
+        s, nu_pairs, mu_pairs = rms_scale_leaf(
+            _as_pairs(g), _as_pairs(nu), None if mu is None else _as_pairs(mu), count, decay, eps, **kwargs
+        )
+        return _from_pairs(s), _from_pairs(nu_pairs).astype(nu.dtype), _from_pairs_or_none(mu_pairs, mu)
+    real = _real(g.dtype)
+    decay = jnp.asarray(decay, real)
+    eps = jnp.asarray(eps, real)
+    # |g|^2 for complex g: one real magnitude per element (stored real).
+    squared = (jnp.conj(g) * g).real if jnp.iscomplexobj(g) else g * g
+    nu_new = decay * nu.astype(real) + (1 - decay) * squared
+    v_hat = nu_new
+    correction = 1 - decay ** count.astype(real) if bias_correction else None
+    if correction is not None:
+        v_hat = nu_new / correction
+    mu_new = None
+    if centered:
+        assert mu is not None
+        mu_new = decay * mu.astype(g.dtype) + (1 - decay) * g
+        m_hat = mu_new if correction is None else mu_new / correction
+        m_squared = (jnp.conj(m_hat) * m_hat).real if jnp.iscomplexobj(m_hat) else m_hat * m_hat
+        # Rounding can make v - m^2 slightly negative (constant gradients do it
+        # in float32 within ~1000 steps); the clamp keeps sqrt away from NaN.
+        v_hat = jnp.maximum(v_hat - m_squared, 0)
+    denominator = jnp.sqrt(v_hat + eps) if eps_in_sqrt else jnp.sqrt(v_hat) + eps
+    s = g / denominator
+    if guard_zero:
+        s = jnp.where(g == 0, jnp.zeros_like(s), s)
+    nu_new = nu_new.astype(nu.dtype)
+    if mu_new is not None and mu is not None:
+        mu_new = mu_new.astype(mu.dtype)
+    return s, nu_new, mu_new
+
+
+def _as_pairs(x: jax.Array) -> jax.Array:
+    return jnp.stack([x.real, x.imag], axis=-1)
+
+
+def _from_pairs(x: jax.Array) -> jax.Array:
+    return jax.lax.complex(x[..., 0], x[..., 1])
+
+
+def _from_pairs_or_none(pairs: jax.Array | None, like: jax.Array | None) -> jax.Array | None:
+    if pairs is None or like is None:
+        return None
+    return _from_pairs(pairs).astype(like.dtype)
+
+
+def needs_zero_guard(eps: Any) -> bool:
+    """Whether 0/0 can occur: eps traced, zero, or too small to survive float32."""
+    value = _checks.concrete_float(eps)
+    return value is None or value < _checks.FLOAT32_TINY
+
+
+def check_rms_args(decay: Any, eps: Any, initial_scale: Any, nu_dtype: Any) -> jnp.dtype | None:
+    """Validates the arguments shared by `scale_by_rms` and `rmsprop`."""
+    _checks.check_interval("decay", decay, 0.0, 1.0, high_open=True)
+    _checks.check_interval("eps", eps, 0.0)
+    _checks.check_interval("initial_scale", initial_scale, 0.0)
+    return _checks.resolve_state_dtype(nu_dtype)
+
+
+def scale_by_rms(
+    decay: chex.Numeric = 0.9,
+    eps: chex.Numeric = 1e-8,
+    *,
+    eps_in_sqrt: bool = False,
+    initial_scale: chex.Numeric = 0.0,
+    centered: bool = False,
+    bias_correction: bool = False,
+    nu_dtype: Any = None,
+    split_complex: bool = False,
+) -> optax.GradientTransformation:
+    r"""Rescales updates by the root of a running average of their squares.
+
+    With :math:`g` the incoming update and :math:`t` the 1-based step,
+
+    .. math::
+
+      v_t = \gamma v_{t-1} + (1 - \gamma) |g_t|^2, \qquad
+      s_t = \frac{g_t}{\sqrt{\hat v_t} + \epsilon}
+
+    where :math:`v_0` is ``initial_scale``, :math:`\hat v_t = v_t` or, with
+    ``bias_correction``, :math:`v_t / (1 - \gamma^t)`. With
+    ``eps_in_sqrt=True`` the denominator is :math:`\sqrt{\hat v_t + \epsilon}`.
+    With ``centered=True`` a running mean :math:`m_t` of :math:`g` is kept
+    too and :math:`\hat v_t` is replaced by
+    :math:`\max(\hat v_t - |\hat m_t|^2, 0)` (Graves, 2013).
+
+    This block only rescales: it applies no learning rate and no sign flip,
+    so it chains with any optax transform. For a complete optimizer use
+    :func:`rmsprop_jax.rmsprop`.
+
+    Args:
+      decay: decay rate :math:`\gamma` of the averages, in [0, 1).
+      eps: :math:`\epsilon` >= 0, added to the denominator.
+      eps_in_sqrt: put eps inside the square root (optax/Keras/TF1) instead of
+        outside it (the default, as in Hinton's lecture and PyTorch).
+      initial_scale: starting value of ``nu`` (TF1 uses 1.0), >= 0.
+      centered: divide by an estimate of the standard deviation instead of
+        the root mean square.
+      bias_correction: divide the averages by :math:`1 - \gamma^t` (the stored
+        state stays uncorrected).
+      nu_dtype: dtype of the state. None keeps the params' precision, except
+        that bfloat16/float16 params get float32 state.
+      split_complex: treat the real and imaginary parts of complex params as
+        independent reals, each with its own average (PyTorch's rule), instead
+        of sharing one average of :math:`|g|^2` per element.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a `ScaleByRmsState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rmsprop_jax
+      >>> tx = optax.chain(rmsprop_jax.scale_by_rms(), optax.scale(-0.1))
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, 0.0])}, state)
+      >>> updates["w"]  # -0.1 * 0.5 / sqrt(0.1 * 0.25), and zero for g = 0
+      Array([-0.31622776,  0.        ], dtype=float32)
+
+    References:
+      Hinton, Srivastava and Swersky, *Neural Networks for Machine Learning*,
+      lecture 6e (2012); Graves, *Generating Sequences With Recurrent Neural
+      Networks*, arXiv:1308.0850 (2013), eqs. (38)-(41).
+    """
+    state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
+    guard_zero = needs_zero_guard(eps)
+
+    def init_fn(params: optax.Params) -> ScaleByRmsState:
+        nu, mu = init_moments(params, initial_scale, centered, state_dtype, split_complex)
+        return ScaleByRmsState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu)
+
+    def update_fn(
+        updates: optax.Updates, state: ScaleByRmsState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, ScaleByRmsState]:
+        del params
+        treedef, g_leaves, nu_leaves, mu_leaves = flatten_like_state(updates, state.nu, state.mu)
+        count = optax.safe_increment(state.count)
+        out, nu_out, mu_out = [], [], []
+        for g, nu, mu in zip(g_leaves, nu_leaves, mu_leaves, strict=True):
+            cdtype = compute_dtype(g.dtype, nu.dtype)
+            s, nu_new, mu_new = rms_scale_leaf(
+                g.astype(cdtype),
+                nu,
+                mu,
+                count,
+                decay,
+                eps,
+                eps_in_sqrt=eps_in_sqrt,
+                centered=centered,
+                bias_correction=bias_correction,
+                guard_zero=guard_zero,
+            )
+            out.append(s.astype(g.dtype))
+            nu_out.append(nu_new)
+            mu_out.append(mu_new)
+        new_mu = jax.tree.unflatten(treedef, mu_out) if centered else None
+        return jax.tree.unflatten(treedef, out), ScaleByRmsState(
+            count=count, nu=jax.tree.unflatten(treedef, nu_out), mu=new_mu
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
