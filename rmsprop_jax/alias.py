@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _checks
+from rmsprop_jax._guard import skip_if_nonfinite
 from rmsprop_jax.transform import (
     check_rms_args,
     compute_dtype,
@@ -19,7 +20,6 @@ from rmsprop_jax.transform import (
     init_moments,
     needs_zero_guard,
     rms_scale_leaf,
-    state_dtypes,
 )
 
 WeightDecayMask = Any | Callable[[optax.Params], Any]
@@ -37,12 +37,15 @@ class RMSpropState(NamedTuple):
       nu: running average of squared gradients, shaped like the params.
       mu: running average of gradients when ``centered=True``, else None.
       momentum: momentum buffer when ``momentum`` is not None, else None.
+      skipped: int32 number of steps skipped for non-finite values when
+        ``skip_nonfinite=True``, else None.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     nu: optax.Updates
     mu: optax.Updates | None
     momentum: optax.Updates | None
+    skipped: jax.Array | None = None
 
 
 def _is_off(value: Any) -> bool:
@@ -80,6 +83,7 @@ def rmsprop(
     weight_decay_mask: WeightDecayMask | None = None,
     nu_dtype: Any = None,
     split_complex: bool = False,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSprop: gradient descent with per-element step sizes from a running RMS.
 
@@ -134,6 +138,10 @@ def rmsprop(
         the params' precision, except bfloat16/float16 params get float32.
       split_complex: treat the real and imaginary parts of complex params as
         independent reals (PyTorch) instead of averaging :math:`|g|^2`.
+      skip_nonfinite: skip any step whose gradients, updates or new ``nu``
+        hold a NaN or inf: the updates are zero, the state (count, averages,
+        momentum) stays as it was and ``state.skipped`` counts the skipped
+        steps. The decision is global for the step.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -174,14 +182,13 @@ def rmsprop(
     coupled = use_decay and not decoupled_weight_decay
     decoupled = use_decay and decoupled_weight_decay
 
+    @jax.jit  # see scale_by_rms: keeps the state on the params' devices
     def init_fn(params: optax.Params) -> RMSpropState:
-        nu, mu = init_moments(params, initial_scale, centered, state_dtype, split_complex)
-        buffer = None
-        if momentum is not None:
-            buffer = jax.tree.map(
-                lambda p: jnp.zeros_like(p, dtype=state_dtypes(jnp.result_type(p), state_dtype)[1]), params
-            )
-        return RMSpropState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu, momentum=buffer)
+        nu, mu, buffer = init_moments(
+            params, initial_scale, centered, state_dtype, split_complex, momentum=momentum is not None
+        )
+        skipped = jnp.zeros([], jnp.int32) if skip_nonfinite else None
+        return RMSpropState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu, momentum=buffer, skipped=skipped)
 
     def update_fn(
         updates: optax.Updates, state: RMSpropState, params: optax.Params | None = None, **extra_args: Any
@@ -234,11 +241,16 @@ def rmsprop(
             nu_out.append(nu_new)
             mu_out.append(mu_new)
             b_out.append(b)
-        return jax.tree.unflatten(treedef, out), RMSpropState(
+        new_updates = jax.tree.unflatten(treedef, out)
+        new_state = RMSpropState(
             count=count,
             nu=jax.tree.unflatten(treedef, nu_out),
             mu=jax.tree.unflatten(treedef, mu_out) if centered else None,
             momentum=None if state.momentum is None else jax.tree.unflatten(treedef, b_out),
+            skipped=state.skipped,
         )
+        if skip_nonfinite:
+            return skip_if_nonfinite(g_leaves, new_updates, new_state, state)
+        return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _checks
+from rmsprop_jax._guard import skip_if_nonfinite
 
 
 class ScaleByRmsState(NamedTuple):
@@ -24,11 +25,14 @@ class ScaleByRmsState(NamedTuple):
       nu: running average of squared gradients, shaped like the params (real
         valued, also for complex params). Stored without bias correction.
       mu: running average of gradients when ``centered=True``, else None.
+      skipped: int32 number of steps skipped for non-finite values when
+        ``skip_nonfinite=True``, else None.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     nu: optax.Updates
     mu: optax.Updates | None
+    skipped: jax.Array | None = None
 
 
 def state_dtypes(
@@ -62,26 +66,45 @@ def _real(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.finfo(dtype).dtype
 
 
+def filled_like(p: jax.Array, value: Any, dtype: jnp.dtype) -> jax.Array:
+    """An array of `value` shaped like `p` that is placed (sharded) like `p`.
+
+    A broadcast constant carries no placement, so under ``jax.jit`` sharding
+    propagation would leave it on one device or replicate it. Deriving it from
+    `p` makes every element depend on the matching element of `p`, so the
+    state lands exactly where its parameter is; the select keeps the result
+    exact when `p` holds inf or NaN (where ``p * 0`` is NaN).
+    """
+    p = jnp.asarray(p)
+    zero = jnp.where(jnp.isfinite(p), p * 0, 0)
+    if not jnp.issubdtype(dtype, jnp.complexfloating):
+        zero = zero.real
+    # Adding the fill also turns the -0.0 of negative params into +0.0.
+    return zero.astype(dtype) + jnp.asarray(value, dtype)
+
+
 def init_moments(
     params: optax.Params,
     initial_scale: Any,
     centered: bool,
     nu_dtype: jnp.dtype | None,
     split_complex: bool,
-) -> tuple[optax.Updates, optax.Updates | None]:
-    """Builds ``nu`` (filled with `initial_scale`) and, if centered, a zero ``mu``."""
+    momentum: bool = False,
+) -> tuple[optax.Updates, optax.Updates | None, optax.Updates | None]:
+    """Builds ``nu`` (filled with `initial_scale`) and zero ``mu`` / momentum buffers when used."""
     leaves, treedef = jax.tree.flatten(params)
     _checks.check_inexact(leaves, "params")
     dtypes = [state_dtypes(jnp.result_type(p), nu_dtype, split_complex) for p in leaves]
+    # A split complex nu starts at initial_scale in both components.
+    nu = [
+        filled_like(p, initial_scale * (1 + 1j) if jnp.issubdtype(d_nu, jnp.complexfloating) else initial_scale, d_nu)
+        for p, (d_nu, _) in zip(leaves, dtypes, strict=True)
+    ]
 
-    def fill(p: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        # A split complex nu starts at initial_scale in both components.
-        value = initial_scale * (1 + 1j) if jnp.issubdtype(dtype, jnp.complexfloating) else initial_scale
-        return jnp.full_like(p, value, dtype=dtype)
+    def zeros() -> optax.Updates:
+        return jax.tree.unflatten(treedef, [filled_like(p, 0, d) for p, (_, d) in zip(leaves, dtypes, strict=True)])
 
-    nu = [fill(p, d_nu) for p, (d_nu, _) in zip(leaves, dtypes, strict=True)]
-    mu = [jnp.zeros_like(p, dtype=d_mu) for p, (_, d_mu) in zip(leaves, dtypes, strict=True)] if centered else None
-    return jax.tree.unflatten(treedef, nu), None if mu is None else jax.tree.unflatten(treedef, mu)
+    return jax.tree.unflatten(treedef, nu), zeros() if centered else None, zeros() if momentum else None
 
 
 def flatten_like_state(
@@ -204,6 +227,7 @@ def scale_by_rms(
     bias_correction: bool = False,
     nu_dtype: Any = None,
     split_complex: bool = False,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by the root of a running average of their squares.
 
@@ -240,6 +264,9 @@ def scale_by_rms(
       split_complex: treat the real and imaginary parts of complex params as
         independent reals, each with its own average (PyTorch's rule), instead
         of sharing one average of :math:`|g|^2` per element.
+      skip_nonfinite: skip any step whose gradients, updates or new ``nu``
+        hold a NaN or inf: the updates are zero, the state stays as it was and
+        ``state.skipped`` counts the skipped steps.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a `ScaleByRmsState`.
@@ -261,9 +288,13 @@ def scale_by_rms(
     state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
     guard_zero = needs_zero_guard(eps)
 
+    # One compiled computation: the state inherits the params' shardings and the
+    # count is replicated on their mesh, whether init is called eagerly or jitted.
+    @jax.jit
     def init_fn(params: optax.Params) -> ScaleByRmsState:
-        nu, mu = init_moments(params, initial_scale, centered, state_dtype, split_complex)
-        return ScaleByRmsState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu)
+        nu, mu, _ = init_moments(params, initial_scale, centered, state_dtype, split_complex)
+        skipped = jnp.zeros([], jnp.int32) if skip_nonfinite else None
+        return ScaleByRmsState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu, skipped=skipped)
 
     def update_fn(
         updates: optax.Updates, state: ScaleByRmsState, params: optax.Params | None = None
@@ -290,8 +321,12 @@ def scale_by_rms(
             nu_out.append(nu_new)
             mu_out.append(mu_new)
         new_mu = jax.tree.unflatten(treedef, mu_out) if centered else None
-        return jax.tree.unflatten(treedef, out), ScaleByRmsState(
-            count=count, nu=jax.tree.unflatten(treedef, nu_out), mu=new_mu
+        new_updates = jax.tree.unflatten(treedef, out)
+        new_state = ScaleByRmsState(
+            count=count, nu=jax.tree.unflatten(treedef, nu_out), mu=new_mu, skipped=state.skipped
         )
+        if skip_nonfinite:
+            return skip_if_nonfinite(g_leaves, new_updates, new_state, state)
+        return new_updates, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
