@@ -276,9 +276,9 @@ def scale_by_rms(
       >>> tx = optax.chain(rmsprop_jax.scale_by_rms(), optax.scale(-0.1))
       >>> params = {"w": jnp.array([1.0, -2.0])}
       >>> state = tx.init(params)
-      >>> updates, state = tx.update({"w": jnp.array([0.5, 0.0])}, state)
-      >>> updates["w"]  # -0.1 * 0.5 / sqrt(0.1 * 0.25), and zero for g = 0
-      Array([-0.31622776,  0.        ], dtype=float32)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -4.0])}, state)
+      >>> updates["w"].round(4)  # first step: -0.1 * g / sqrt(0.1 * g**2) = -0.1 * sign(g) / sqrt(0.1)
+      Array([-0.3162,  0.3162], dtype=float32)
 
     References:
       Hinton, Srivastava and Swersky, *Neural Networks for Machine Learning*,
