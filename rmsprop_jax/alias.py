@@ -128,7 +128,9 @@ def rmsprop(
         (TF1, Keras, optax) rather than after it (PyTorch). The two differ
         only when the learning rate changes over time.
       bias_correction: correct the averages for their zero start as in Adam.
-      weight_decay: :math:`\lambda` >= 0.
+      weight_decay: :math:`\lambda` >= 0. A non-zero value needs the params
+        in ``update``; when it is a traced array (``inject_hyperparams``) and
+        no params are given, the updates are NaN unless it is zero.
       decoupled_weight_decay: apply weight decay to the update, scaled by the
         learning rate (AdamW/Keras), instead of adding it to the gradient
         (PyTorch's L2).
@@ -198,7 +200,14 @@ def rmsprop(
         n = len(g_leaves)
         x_leaves: list[Any] = [None] * n
         decay_mask = [False] * n
-        if use_decay:
+        unapplied_decay = None
+        if use_decay and params is None and _checks.concrete_float(weight_decay) is None:
+            # inject_hyperparams passes even the default weight_decay=0.0 as an array,
+            # so update(grads, state) without params has to work. A non-zero value
+            # then cannot be applied, and nothing can be raised inside jit: the
+            # updates become NaN instead of silently skipping the decay.
+            unapplied_decay = jnp.asarray(weight_decay)
+        elif use_decay:
             x_leaves = flatten_params(params, treedef, "weight_decay")
             decay_mask = _mask_leaves(weight_decay_mask, params, treedef)
         b_leaves = [None] * n if state.momentum is None else jax.tree.leaves(state.momentum)
@@ -237,6 +246,8 @@ def rmsprop(
                 b = b_new.astype(b.dtype)
             if decoupled and decays:
                 update = update - eta * wd * x.astype(cdtype)
+            if unapplied_decay is not None:
+                update = jnp.where(unapplied_decay == 0, update, jnp.nan)
             out.append(update.astype(g.dtype))
             nu_out.append(nu_new)
             mu_out.append(mu_new)

@@ -76,10 +76,8 @@ def filled_like(p: jax.Array, value: Any, dtype: jnp.dtype) -> jax.Array:
     exact when `p` holds inf or NaN (where ``p * 0`` is NaN).
     """
     p = jnp.asarray(p)
-    zero = jnp.where(jnp.isfinite(p), p * 0, 0)
-    if not jnp.issubdtype(dtype, jnp.complexfloating):
-        zero = zero.real
-    # Adding the fill also turns the -0.0 of negative params into +0.0.
+    # |p| * 0 is +0.0 (p * 0 would be -0.0 for negative p) and real also for complex p.
+    zero = jnp.where(jnp.isfinite(p), jnp.abs(p) * 0, 0)
     return zero.astype(dtype) + jnp.asarray(value, dtype)
 
 
@@ -167,14 +165,17 @@ def rms_scale_leaf(
     squared = (jnp.conj(g) * g).real if jnp.iscomplexobj(g) else g * g
     nu_new = decay * nu.astype(real) + (1 - decay) * squared
     v_hat = nu_new
-    correction = 1 - decay ** count.astype(real) if bias_correction else None
+    # Multiplying by the reciprocal, rather than dividing, is written out because
+    # XLA makes that rewrite in some programs and not others (e.g. sharded vs
+    # single-device); spelling it out keeps every program bitwise identical.
+    correction = 1 / (1 - decay ** count.astype(real)) if bias_correction else None
     if correction is not None:
-        v_hat = nu_new / correction
+        v_hat = nu_new * correction
     mu_new = None
     if centered:
         assert mu is not None
         mu_new = decay * mu.astype(g.dtype) + (1 - decay) * g
-        m_hat = mu_new if correction is None else mu_new / correction
+        m_hat = mu_new if correction is None else mu_new * correction
         m_squared = (jnp.conj(m_hat) * m_hat).real if jnp.iscomplexobj(m_hat) else m_hat * m_hat
         # Rounding can make v - m^2 slightly negative (constant gradients do it
         # in float32 within ~1000 steps); the clamp keeps sqrt away from NaN.

@@ -1,0 +1,562 @@
+"""Multi-device checks, run as a script on 8 simulated CPU devices.
+
+``tests/test_sharding.py`` runs this file in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` so that the device
+count of the main test process is not touched, and turns each check below
+into one test. Run by hand with that flag, it prints one JSON line of
+results.
+
+Expectations come from the single-device run of the same optimizer on the
+same data, from the params' own shardings, and from arithmetic on shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import rmsprop_jax
+from rmsprop_jax.sharding import zero1, zero1_state_shardings
+
+RESULT_MARKER = "MULTIDEVICE-RESULTS "
+N_DEVICES = 8
+COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+
+CHECKS: dict[str, Callable[[], None]] = {}
+
+
+def check(fn: Callable[[], None]) -> Callable[[], None]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def collectives(hlo: str) -> list[str]:
+    """The HLO lines (of a compiled module) that contain a collective."""
+    return [line.strip() for line in hlo.splitlines() if COLLECTIVE.search(line)]
+
+
+def mesh_of(shape: tuple[int, ...], names: tuple[str, ...], axis_type: AxisType = AxisType.Auto) -> jax.sharding.Mesh:
+    return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+
+
+def full_optimizer(**overrides: Any) -> optax.GradientTransformationExtraArgs:
+    """rmsprop with every stateful and step-dependent option on."""
+    kwargs: dict[str, Any] = dict(
+        centered=True,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-3,
+        skip_nonfinite=True,
+    )
+    kwargs.update(overrides)
+    return rmsprop_jax.rmsprop(optax.exponential_decay(0.05, 2, 0.5), **kwargs)
+
+
+def host_params() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "w": rng.standard_normal((64, 32)).astype(np.float32),
+        "v": rng.standard_normal((32, 16)).astype(np.float32),
+        "b": rng.standard_normal(32).astype(np.float32),
+        "s": np.float32(0.75),
+    }
+
+
+def host_batches(n: int, batch: int = 16) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Small-integer data: every batch sum in the gradients is exact in float32.
+
+    The data-parallel gradient is a sum of per-device partial sums, in an
+    order the single-device run does not use; with integers the sums are
+    exact whatever the order, so the comparison isolates the optimizer.
+    """
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(n):
+        x = rng.integers(-3, 4, (batch, 64)).astype(np.float32)
+        c = rng.integers(-2, 3, (batch, 32)).astype(np.float32)
+        d = rng.integers(-2, 3, (batch, 16)).astype(np.float32)
+        out.append((x, c, d))
+    return out
+
+
+def loss(p: dict[str, jax.Array], batch: tuple[jax.Array, ...]) -> jax.Array:
+    x, c, d = batch
+    h = x @ p["w"]
+    k = x[:, :32] @ p["v"]
+    data_term = jnp.sum(h * c) + jnp.sum(k * d) + jnp.sum(p["b"] * c) + p["s"] * jnp.sum(x)
+    return data_term + 0.5 * sum(jnp.sum(q * q) for q in p.values())
+
+
+def train(
+    tx: optax.GradientTransformation,
+    params: Any,
+    batches: list[Any],
+    put_batch: Callable[[Any], Any] = lambda b: b,
+    out_shardings: Any = None,
+) -> tuple[Any, Any]:
+    state = tx.init(params)
+
+    def step(p: Any, s: Any, batch: Any) -> tuple[Any, Any]:
+        updates, s = tx.update(jax.grad(loss)(p, batch), s, p)
+        return optax.apply_updates(p, updates), s
+
+    jitted = jax.jit(step) if out_shardings is None else jax.jit(step, out_shardings=out_shardings)
+    for batch in batches:
+        params, state = jitted(params, state, put_batch(batch))
+    return params, state
+
+
+def single_device_run(tx: optax.GradientTransformation, n_steps: int) -> tuple[Any, Any]:
+    device = jax.devices()[0]
+    params = jax.device_put(host_params(), device)
+    return train(tx, params, host_batches(n_steps), lambda b: jax.device_put(b, device))
+
+
+def assert_bitwise(got: Any, want: Any, what: str) -> None:
+    got_leaves, got_def = jax.tree.flatten(got)
+    want_leaves, want_def = jax.tree.flatten(want)
+    assert got_def == want_def, f"{what}: tree {got_def} != {want_def}"
+    for i, (a, b) in enumerate(zip(got_leaves, want_leaves, strict=True)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: leaf {i} {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+        assert a.tobytes() == b.tobytes(), f"{what}: leaf {i} differs, max |diff| {np.max(np.abs(a - b))}"
+
+
+def assert_spec(leaf: jax.Array, spec: P) -> None:
+    """The leaf is laid out as `spec` on its mesh (trailing Nones do not matter)."""
+    want = NamedSharding(leaf.sharding.mesh, spec)
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), f"{leaf.sharding} is not laid out as {spec}"
+
+
+def assert_moved(before: Any, after: Any) -> None:
+    """Guards the bitwise checks against a run that silently did nothing."""
+    assert not np.array_equal(np.asarray(before["w"]), np.asarray(after["w"])), "the params did not move"
+
+
+def shard_bytes(tree: Any) -> int:
+    """Bytes of the first device's shards, summed over the leaves."""
+    return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def param_specs(mesh: jax.sharding.Mesh) -> dict[str, NamedSharding]:
+    """A mixed model-parallel layout: sharded on either dim, 1-D, scalar."""
+    return {
+        "w": NamedSharding(mesh, P(None, "model")),
+        "v": NamedSharding(mesh, P("model", None)),
+        "b": NamedSharding(mesh, P("model")),
+        "s": NamedSharding(mesh, P()),
+    }
+
+
+# --------------------------------------------------------------------------- 1. sharding-native init
+
+
+def state_layout_errors(params: Any, state: Any, mesh: jax.sharding.Mesh) -> list[str]:
+    """Every param-shaped state leaf must have its param's sharding, every scalar be replicated on `mesh`."""
+    errors = []
+    param_sh = jax.tree.map(lambda p: p.sharding, params)
+    for name in ("nu", "mu", "momentum"):
+        subtree = getattr(state, name, None)
+        if subtree is None:
+            continue
+        for (path, leaf), want in zip(
+            jax.tree_util.tree_leaves_with_path(subtree), jax.tree.leaves(param_sh), strict=True
+        ):
+            if not leaf.sharding.is_equivalent_to(want, leaf.ndim):
+                errors.append(f"{name}{jax.tree_util.keystr(path)}: {leaf.sharding} != {want}")
+    for name in ("count", "skipped"):
+        leaf = getattr(state, name, None)
+        if leaf is None:
+            continue
+        ok = (
+            isinstance(leaf.sharding, NamedSharding)
+            and leaf.sharding.mesh.devices.tolist() == mesh.devices.tolist()
+            and leaf.sharding.is_fully_replicated
+        )
+        if not ok:
+            errors.append(f"{name}: {leaf.sharding} is not replicated on the mesh")
+    return errors
+
+
+def init_combinations() -> list[tuple[str, str, bool, bool]]:
+    return [
+        (kind, axis, jit, with_mesh)
+        for kind in ("rmsprop", "scale_by_rms")
+        for axis in ("Auto", "Explicit")
+        for jit in (False, True)
+        for with_mesh in (False, True)
+    ]
+
+
+@check
+def init_sharding_all_combinations() -> None:
+    failures = []
+    for kind, axis, jit, with_mesh in init_combinations():
+        mesh = mesh_of((4, 2), ("data", "model"), getattr(AxisType, axis))
+        shardings = {
+            "w": NamedSharding(mesh, P("data", "model")),
+            "v": NamedSharding(mesh, P(None, "model")),
+            "u": NamedSharding(mesh, P("model", "data")),
+            "b": NamedSharding(mesh, P("model")),
+            "r": NamedSharding(mesh, P()),
+            "s": NamedSharding(mesh, P()),
+        }
+        host = {
+            "w": np.ones((16, 8), np.float32),
+            "v": np.ones((4, 8), np.float32),
+            "u": np.ones((8, 4), np.float32),
+            "b": np.ones(6, np.float32),
+            "r": np.ones((3, 5), np.float32),
+            "s": np.float32(2.0),
+        }
+        params = jax.device_put(host, shardings)
+        if kind == "rmsprop":
+            tx = rmsprop_jax.rmsprop(0.1, centered=True, momentum=0.9, skip_nonfinite=True)
+        else:
+            tx = rmsprop_jax.scale_by_rms(centered=True, skip_nonfinite=True)
+        init = jax.jit(tx.init) if jit else tx.init
+        if with_mesh:
+            with jax.set_mesh(mesh):
+                state = init(params)
+        else:
+            state = init(params)
+        errors = state_layout_errors(params, state, mesh)
+        if errors:
+            failures.append(f"{kind} {axis} jit={jit} set_mesh={with_mesh}: {errors}")
+    assert not failures, "\n".join(failures)
+
+
+@check
+def init_sharding_checker_rejects_wrong_layouts() -> None:
+    """The layout check above fails on a state built on one device or replicated."""
+    mesh = mesh_of((4, 2), ("data", "model"))
+    params = jax.device_put({"w": np.ones((16, 8), np.float32)}, {"w": NamedSharding(mesh, P("data", "model"))})
+    state = rmsprop_jax.rmsprop(0.1, centered=True, momentum=0.9).init(params)
+    on_one_device = jax.device_put(state, jax.devices()[0])
+    replicated = jax.device_put(state, NamedSharding(mesh, P()))
+    assert not state_layout_errors(params, state, mesh)
+    assert state_layout_errors(params, on_one_device, mesh)
+    assert state_layout_errors(params, replicated, mesh)
+
+
+# --------------------------------------------------------------------------- no collective in the step
+
+
+def compiled_step_hlo(tx: optax.GradientTransformation, params: Any, pinned: bool = True) -> str:
+    """HLO of update + apply_updates, gradients laid out like the params.
+
+    With `pinned`, the outputs must keep the inputs' layouts, as they must in a
+    training loop that feeds them back.
+    """
+    state = tx.init(params)
+
+    def step(p: Any, s: Any, g: Any) -> tuple[Any, Any]:
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    out = (jax.tree.map(lambda x: x.sharding, params), jax.tree.map(lambda x: x.sharding, state)) if pinned else None
+    grads = jax.tree.map(lambda x: x * 0.5, params)
+    return jax.jit(step, out_shardings=out).lower(params, state, grads).compile().as_text()
+
+
+@check
+def step_has_no_collective_when_state_follows_params() -> None:
+    for axis in ("Auto", "Explicit"):
+        mesh = mesh_of((4, 2), ("data", "model"), getattr(AxisType, axis))
+        params = jax.device_put(
+            {"w": np.ones((16, 8), np.float32), "b": np.ones(8, np.float32), "s": np.float32(1.0)},
+            {
+                "w": NamedSharding(mesh, P("data", "model")),
+                "b": NamedSharding(mesh, P("model")),
+                "s": NamedSharding(mesh, P()),
+            },
+        )
+        for tx in (
+            full_optimizer(skip_nonfinite=False),
+            rmsprop_jax.rmsprop(0.1),
+            optax.chain(rmsprop_jax.scale_by_rms(centered=True), optax.scale(-0.1)),
+        ):
+            found = collectives(compiled_step_hlo(tx, params))
+            assert not found, f"{axis}: collectives in the step: {found}"
+
+
+@check
+def step_collective_check_detects_a_replicated_state() -> None:
+    """Negative control: a replicated state with sharded params must be gathered."""
+    mesh = mesh_of((4, 2), ("data", "model"))
+    params = jax.device_put({"w": np.ones((16, 8), np.float32)}, {"w": NamedSharding(mesh, P("data", "model"))})
+    tx = rmsprop_jax.rmsprop(0.1)
+    state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+
+    def step(p: Any, s: Any, g: Any) -> tuple[Any, Any]:
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    out = (jax.tree.map(lambda x: x.sharding, params), jax.tree.map(lambda x: x.sharding, state))
+    hlo = jax.jit(step, out_shardings=out).lower(params, state, params).compile().as_text()
+    assert collectives(hlo), "expected a collective to rebuild the replicated state"
+
+
+@check
+def guard_costs_only_scalar_all_reduces() -> None:
+    mesh = mesh_of((4, 2), ("data", "model"))
+    params = jax.device_put(
+        {"w": np.ones((16, 8), np.float32), "b": np.ones(8, np.float32)},
+        {"w": NamedSharding(mesh, P("data", "model")), "b": NamedSharding(mesh, P("model"))},
+    )
+    found = collectives(compiled_step_hlo(full_optimizer(skip_nonfinite=True), params))
+    assert found, "the global decision needs a reduction across devices"
+    for line in found:
+        head = line.split("all-reduce(")[0]
+        assert "all-reduce(" in line, line
+        shapes = re.findall(r"\b[a-z]+\d*\[[^\]]*\]", head)
+        assert shapes and all(s.endswith("[]") for s in shapes), f"non-scalar all-reduce: {line[:200]}"
+
+
+# --------------------------------------------------------------------------- bitwise parity with one device
+#
+# Each parity check runs one optimizer configuration for a few steps on one
+# device and on a mesh, and compares every bit of params and state. The
+# "guard" configuration runs in the "nofma" group, in a process where XLA may
+# not contract a*b+c into fused multiply-adds (see test_sharding.py for why).
+
+N_STEPS = 3
+PARITY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "no_guard": ("default", dict(skip_nonfinite=False)),
+    "guard": ("nofma", dict(skip_nonfinite=True)),
+    "bias_correction": ("default", dict(skip_nonfinite=False, bias_correction=True, centered=False)),
+}
+GROUPS: dict[str, str] = {}
+_reference_cache: dict[str, tuple[Any, Any]] = {}
+
+
+def reference(config: str) -> tuple[Any, Any]:
+    if config not in _reference_cache:
+        _reference_cache[config] = single_device_run(full_optimizer(**PARITY_CONFIGS[config][1]), N_STEPS)
+    return _reference_cache[config]
+
+
+def data_batches(mesh: jax.sharding.Mesh) -> tuple[list[Any], Callable[[Any], Any]]:
+    sharding = NamedSharding(mesh, P("data"))
+    return host_batches(N_STEPS), lambda b: jax.device_put(b, sharding)
+
+
+def parity_data_parallel(config: str) -> None:
+    mesh = mesh_of((N_DEVICES,), ("data",))
+    params = jax.device_put(host_params(), NamedSharding(mesh, P()))
+    got = train(full_optimizer(**PARITY_CONFIGS[config][1]), params, *data_batches(mesh))
+    assert got[1].nu["w"].sharding.is_fully_replicated
+    assert_moved(host_params(), got[0])
+    assert_bitwise(got, reference(config), f"data parallel [{config}]")
+
+
+def parity_model_parallel(config: str) -> None:
+    for axis in ("Auto", "Explicit"):
+        mesh = mesh_of((2, 4), ("data", "model"), getattr(AxisType, axis))
+        params = jax.device_put(host_params(), param_specs(mesh))
+        got = train(full_optimizer(**PARITY_CONFIGS[config][1]), params, *data_batches(mesh))
+        assert_spec(got[1].nu["w"], P(None, "model"))
+        assert_moved(host_params(), got[0])
+        assert_bitwise(got, reference(config), f"model parallel ({axis}) [{config}]")
+
+
+def parity_zero1_wrapper(config: str) -> None:
+    for axis in ("Auto", "Explicit"):
+        mesh = mesh_of((4, 2), ("data", "model"), getattr(AxisType, axis))
+        params = jax.device_put(host_params(), param_specs(mesh))
+        tx = zero1(full_optimizer(**PARITY_CONFIGS[config][1]), params, axis="data")
+        params_out, state = got = train(tx, params, *data_batches(mesh))
+        # w (64, 32) is model-sharded on dim 1, so dim 0 takes the data axis;
+        # v (32, 16) is model-sharded on dim 0, so dim 1 (16, divisible by 4).
+        assert_spec(state.nu["w"], P("data", "model"))
+        assert_spec(state.momentum["v"], P("model", "data"))
+        assert_spec(state.nu["b"], P("model"))
+        assert state.count.sharding.is_fully_replicated
+        for name, sharding in param_specs(mesh).items():
+            assert params_out[name].sharding.is_equivalent_to(sharding, params_out[name].ndim), name
+        assert_moved(host_params(), params_out)
+        assert_bitwise(got, reference(config), f"ZeRO-1 wrapper ({axis}) [{config}]")
+
+
+def parity_zero1_out_shardings(config: str) -> None:
+    """The helper alone: state placed by device_put and kept by jit's out_shardings."""
+    mesh = mesh_of((N_DEVICES,), ("data",))
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(host_params(), replicated)
+    tx = full_optimizer(**PARITY_CONFIGS[config][1])
+    state_sh = zero1_state_shardings(tx.init(params), axis="data")
+    state = jax.device_put(tx.init(params), state_sh)
+
+    def step(p: Any, s: Any, batch: Any) -> tuple[Any, Any]:
+        updates, s = tx.update(jax.grad(loss)(p, batch), s, p)
+        return optax.apply_updates(p, updates), s
+
+    jitted = jax.jit(step, out_shardings=(jax.tree.map(lambda _: replicated, params), state_sh))
+    batches, put = data_batches(mesh)
+    for batch in batches:
+        params, state = jitted(params, state, put(batch))
+    assert_spec(state.nu["w"], P("data", None))
+    assert_spec(state.nu["b"], P("data"))
+    assert_spec(state.nu["s"], P())
+    assert_bitwise((params, state), reference(config), f"ZeRO-1 out_shardings [{config}]")
+
+
+PARITY_MODES = {
+    "data_parallel": parity_data_parallel,
+    "model_parallel": parity_model_parallel,
+    "zero1_wrapper": parity_zero1_wrapper,
+    "zero1_out_shardings": parity_zero1_out_shardings,
+}
+for _config, (_group, _) in PARITY_CONFIGS.items():
+    for _mode, _fn in PARITY_MODES.items():
+        _name = f"parity_{_mode}[{_config}]"
+        CHECKS[_name] = lambda fn=_fn, config=_config: fn(config)
+        GROUPS[_name] = _group
+
+
+@check
+def zero1_composes_with_multisteps_bitwise() -> None:
+    config = PARITY_CONFIGS["no_guard"][1]
+
+    def make() -> optax.MultiSteps:
+        return optax.MultiSteps(full_optimizer(**config), every_k_schedule=2)
+
+    want = single_device_run(make(), N_STEPS)
+    mesh = mesh_of((N_DEVICES,), ("data",))
+    params = jax.device_put(host_params(), NamedSharding(mesh, P()))
+    got = train(zero1(make(), params, axis="data"), params, *data_batches(mesh))
+    assert_spec(got[1].acc_grads["w"], P("data", None))
+    assert_spec(got[1].inner_opt_state.nu["w"], P("data", None))
+    assert_bitwise(got, want, "ZeRO-1 MultiSteps")
+
+
+@check
+def zero1_with_global_norm_clipping_matches_closely() -> None:
+    """Global-norm clipping in the chain: XLA may sum the norm from the shards.
+
+    The partial sums are combined in another order than on one device, so the
+    comparison is to float32 rounding, not bitwise.
+    """
+    config = PARITY_CONFIGS["no_guard"][1]
+    want = single_device_run(optax.chain(optax.clip_by_global_norm(1.0), full_optimizer(**config)), N_STEPS)
+    mesh = mesh_of((N_DEVICES,), ("data",))
+    params = jax.device_put(host_params(), NamedSharding(mesh, P()))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), zero1(full_optimizer(**config), params, axis="data"))
+    got = train(tx, params, *data_batches(mesh))
+    assert_spec(got[1][1].nu["w"], P("data", None))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@check
+def zero1_eager_update_matches() -> None:
+    """Called outside jit, the wrapper places and computes the same values."""
+    mesh = mesh_of((N_DEVICES,), ("data",))
+    params = jax.device_put({"w": host_params()["w"]}, NamedSharding(mesh, P()))
+    grads = jax.tree.map(lambda x: x * 0.25 + 1.0, params)
+
+    def make() -> optax.GradientTransformation:
+        return rmsprop_jax.rmsprop(0.1, momentum=0.9, skip_nonfinite=True)
+
+    plain = make()
+    want_updates, want_state = plain.update(grads, plain.init(params), params)
+    tx = zero1(make(), params)
+    updates, state = tx.update(grads, tx.init(params), params)
+    assert_spec(state.nu["w"], P("data", None))
+    assert updates["w"].sharding.is_fully_replicated
+    assert_bitwise((updates, state), (want_updates, want_state), "eager ZeRO-1")
+
+
+# --------------------------------------------------------------------------- ZeRO-1 memory and collectives
+
+
+def divisible_params(mesh: jax.sharding.Mesh) -> Any:
+    """Params whose every dimension of interest divides by 8."""
+    rng = np.random.default_rng(2)
+    host = {
+        "w": rng.standard_normal((128, 64)).astype(np.float32),
+        "v": rng.standard_normal((40, 24)).astype(np.float32),
+        "b": rng.standard_normal(64).astype(np.float32),
+    }
+    return jax.device_put(host, NamedSharding(mesh, P()))
+
+
+@check
+def zero1_state_bytes_drop_by_axis_size() -> None:
+    mesh = mesh_of((N_DEVICES,), ("data",))
+    params = divisible_params(mesh)
+    base = full_optimizer()
+    plain_state = base.init(params)
+    zero_state = zero1(base, params).init(params)
+    moments = ("nu", "mu", "momentum")
+    full = sum(leaf.nbytes for name in moments for leaf in jax.tree.leaves(getattr(plain_state, name)))
+    plain_per_device = sum(shard_bytes(getattr(plain_state, name)) for name in moments)
+    zero_per_device = sum(shard_bytes(getattr(zero_state, name)) for name in moments)
+    assert plain_per_device == full, (plain_per_device, full)
+    assert zero_per_device * N_DEVICES == full, (zero_per_device, full)
+
+    def argument_bytes(state: Any) -> int:
+        return jax.jit(lambda s: s).lower(state).compile().memory_analysis().argument_size_in_bytes
+
+    scalars = 2 * 4  # count and skipped, int32, replicated
+    assert argument_bytes(plain_state) == full + scalars
+    assert argument_bytes(zero_state) == full // N_DEVICES + scalars
+
+
+@check
+def zero1_step_collectives_are_the_documented_ones() -> None:
+    """Gradients in replicated: one all-gather per split parameter, plus the guard's scalar all-reduce."""
+    mesh = mesh_of((N_DEVICES,), ("data",))
+    params = divisible_params(mesh)
+    for skip in (False, True):
+        tx = zero1(full_optimizer(skip_nonfinite=skip), params)
+        found = collectives(compiled_step_hlo(tx, params, pinned=False))
+        gathers = [line for line in found if "all-gather(" in line]
+        others = [line for line in found if "all-gather(" not in line]
+        assert 1 <= len(gathers) <= len(params), found
+        for line in gathers:
+            assert "dimensions={0}" in line, line  # every leaf here splits its first dim
+        if skip:
+            assert others and all("all-reduce(" in line for line in others), found
+        else:
+            assert not others, found
+
+
+# --------------------------------------------------------------------------- main
+
+
+def group_of(name: str) -> str:
+    return GROUPS.get(name, "default")
+
+
+def run_all(group: str) -> dict[str, str]:
+    assert jax.device_count() == N_DEVICES, f"expected {N_DEVICES} devices, got {jax.devices()}"
+    results = {}
+    for name, fn in CHECKS.items():
+        if group_of(name) != group:
+            continue
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    return results
+
+
+if __name__ == "__main__":
+    print(RESULT_MARKER + json.dumps(run_all(sys.argv[1] if len(sys.argv) > 1 else "default")))
+    sys.exit(0)
