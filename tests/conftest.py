@@ -49,3 +49,9 @@ def require_peer_or_skip(name: str) -> types.ModuleType:
 def require_peer() -> Callable[[str], types.ModuleType]:
     """``require_peer("torch")`` returns the module, or skips/fails the test."""
     return require_peer_or_skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "notebooks: executes the notebooks in notebooks/ (slow; deselect with -m 'not notebooks')"
+    )
