@@ -640,23 +640,24 @@ def _lr_variable(problem: Problem, scheduled: bool) -> tuple[Any, Callable[[Any]
     return variable, lambda i: variable.assign(table[i])
 
 
+def _keras_table_schedule(keras_module: Any, tf: Any, problem: Problem) -> Any:
+    """A Keras ``LearningRateSchedule`` (of Keras 3 or tf-keras) returning ``problem.lrs[step]``."""
+    table = tf.constant(problem.lrs)
+
+    class Table(keras_module.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step: Any) -> Any:
+            return tf.gather(table, tf.cast(step, tf.int32))
+
+        def get_config(self) -> dict[str, Any]:
+            return {}
+
+    return Table()
+
+
 def _run_keras(case: Case, problem: Problem) -> list[np.ndarray]:
     keras = load_peer("keras")
     tf = load_peer("tensorflow")
-    lr: Any = LEARNING_RATE
-    if case.scheduled:
-        table = tf.constant(problem.lrs)
-
-        schedule_base: Any = keras.optimizers.schedules.LearningRateSchedule
-
-        class Table(schedule_base):
-            def __call__(self, step: Any) -> Any:
-                return tf.gather(table, tf.cast(step, tf.int32))
-
-            def get_config(self) -> dict[str, Any]:
-                return {}
-
-        lr = Table()
+    lr = _keras_table_schedule(keras, tf, problem) if case.scheduled else LEARNING_RATE
     optimizer = keras.optimizers.RMSprop(learning_rate=lr, **case.kwargs)
     variables = [keras.Variable(x) for x in problem.x0]
     _tf_loop(problem, lambda i, g: optimizer.apply_gradients(zip(g, variables, strict=True)))
@@ -666,20 +667,7 @@ def _run_keras(case: Case, problem: Problem) -> list[np.ndarray]:
 def _run_tf_keras_legacy(case: Case, problem: Problem) -> list[np.ndarray]:
     tf_keras = load_peer("tf_keras")
     tf = load_peer("tensorflow")
-    lr: Any = LEARNING_RATE
-    if case.scheduled:
-        table = tf.constant(problem.lrs)
-
-        schedule_base: Any = tf_keras.optimizers.schedules.LearningRateSchedule
-
-        class Table(schedule_base):
-            def __call__(self, step: Any) -> Any:
-                return tf.gather(table, tf.cast(step, tf.int32))
-
-            def get_config(self) -> dict[str, Any]:
-                return {}
-
-        lr = Table()
+    lr = _keras_table_schedule(tf_keras, tf, problem) if case.scheduled else LEARNING_RATE
     optimizer = tf_keras.optimizers.legacy.RMSprop(learning_rate=lr, **case.kwargs)
     variables = [tf.Variable(x) for x in problem.x0]
     _tf_loop(problem, lambda i, g: optimizer.apply_gradients(zip(g, variables, strict=True)))

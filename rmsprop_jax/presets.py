@@ -465,6 +465,33 @@ def tf_keras_legacy(
     )
 
 
+def _tf_kernel_rule(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: chex.Numeric,
+    momentum: chex.Numeric,
+    epsilon: chex.Numeric,
+    centered: bool,
+    *,
+    initial_scale: float,
+) -> optax.GradientTransformationExtraArgs:
+    """The rule of TF's RMSProp kernels, shared by TF1 and Sonnet: eps inside the root, lr inside momentum."""
+    _check_learning_rate("learning_rate", learning_rate)
+    _check_unit("decay", decay)
+    _check_unit("momentum", momentum)
+    _check_non_negative("epsilon", epsilon)
+    _check_bool("centered", centered)
+    return rmsprop(
+        learning_rate,
+        decay=_tf_decay(decay),
+        eps=epsilon,
+        eps_in_sqrt=True,
+        initial_scale=initial_scale,
+        centered=centered,
+        momentum=_momentum_or_none(momentum),
+        lr_in_momentum=True,
+    )
+
+
 def tf1(
     learning_rate: optax.ScalarOrSchedule,
     decay: chex.Numeric = 0.9,
@@ -522,21 +549,7 @@ def tf1(
       ``ApplyCenteredRMSProp``) in tensorflow/tensorflow; tensorflow/tensorflow
       issue #40670 (the ones initialisation).
     """
-    _check_learning_rate("learning_rate", learning_rate)
-    _check_unit("decay", decay)
-    _check_unit("momentum", momentum)
-    _check_non_negative("epsilon", epsilon)
-    _check_bool("centered", centered)
-    return rmsprop(
-        learning_rate,
-        decay=_tf_decay(decay),
-        eps=epsilon,
-        eps_in_sqrt=True,
-        initial_scale=1.0,
-        centered=centered,
-        momentum=_momentum_or_none(momentum),
-        lr_in_momentum=True,
-    )
+    return _tf_kernel_rule(learning_rate, decay, momentum, epsilon, centered, initial_scale=1.0)
 
 
 # --------------------------------------------------------------------------- #
@@ -673,21 +686,7 @@ def sonnet(
       ``sonnet/src/optimizers/rmsprop.py`` (``RMSProp``, ``rmsprop_update``)
       in google-deepmind/sonnet.
     """
-    _check_learning_rate("learning_rate", learning_rate)
-    _check_unit("decay", decay)
-    _check_unit("momentum", momentum)
-    _check_non_negative("epsilon", epsilon)
-    _check_bool("centered", centered)
-    return rmsprop(
-        learning_rate,
-        decay=_tf_decay(decay),
-        eps=epsilon,
-        eps_in_sqrt=True,
-        initial_scale=0.0,
-        centered=centered,
-        momentum=_momentum_or_none(momentum),
-        lr_in_momentum=True,
-    )
+    return _tf_kernel_rule(learning_rate, decay, momentum, epsilon, centered, initial_scale=0.0)
 
 
 # --------------------------------------------------------------------------- #
