@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, lowmem
 from rmsprop_jax._guard import skip_if_nonfinite
+from rmsprop_jax.flat import flat_transform
 from rmsprop_jax.transform import (
     check_rms_args,
     compute_dtype,
@@ -34,7 +35,10 @@ class RMSpropState(NamedTuple):
     Attributes:
       count: int32 number of updates applied (saturating). The learning-rate
         schedule is called with it before it is incremented.
-      nu: running average of squared gradients, shaped like the params.
+      nu: running average of squared gradients, shaped like the params
+        (leaves of at least one block are `rmsprop_jax.lowmem.QuantizedArray`
+        with ``state_bits=8``; with ``flat=True`` the state is one vector per
+        dtype, see `rmsprop_jax.flat.FlatLayout`).
       mu: running average of gradients when ``centered=True``, else None.
       momentum: momentum buffer when ``momentum`` is not None, else None.
       skipped: int32 number of steps skipped for non-finite values when
@@ -84,6 +88,10 @@ def rmsprop(
     nu_dtype: Any = None,
     split_complex: bool = False,
     skip_nonfinite: bool = False,
+    stochastic_rounding: bool | None = None,
+    state_bits: int | None = None,
+    block_size: int | None = None,
+    flat: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSprop: gradient descent with per-element step sizes from a running RMS.
 
@@ -138,12 +146,27 @@ def rmsprop(
         function from params to one, selecting the leaves to decay.
       nu_dtype: dtype of the state (``nu``, ``mu`` and momentum). None keeps
         the params' precision, except bfloat16/float16 params get float32.
+        For a smaller state prefer bfloat16: float16's range ends near 6e-8,
+        so small squared gradients underflow and the steps grow.
       split_complex: treat the real and imaginary parts of complex params as
         independent reals (PyTorch) instead of averaging :math:`|g|^2`.
       skip_nonfinite: skip any step whose gradients, updates or new ``nu``
         hold a NaN or inf: the updates are zero, the state (count, averages,
         momentum) stays as it was and ``state.skipped`` counts the skipped
         steps. The decision is global for the step.
+      stochastic_rounding: round state stored below float32 precision
+        (``nu_dtype`` bfloat16/float16, ``state_bits=8``) stochastically, so
+        that it stays unbiased and a decay close to 1 still forgets. None
+        (default) means on; see :mod:`rmsprop_jax.lowmem`.
+      state_bits: None, or 8 to store ``nu`` as 8-bit codes with a float32
+        scale per block (:class:`rmsprop_jax.lowmem.QuantizedArray`, about
+        1.02 bytes per element); leaves smaller than one block stay unquantized.
+      block_size: elements per 8-bit block (default 256; needs ``state_bits=8``).
+      flat: keep the state as one contiguous vector per dtype (and per
+        weight-decay mask value) instead of one array per leaf,
+        so that a step over many small leaves runs O(1) kernels for the state;
+        same results. Read ``nu`` per leaf with
+        ``rmsprop_jax.flat.FlatLayout(params, weight_decay_mask).unravel(state.nu)``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -171,7 +194,16 @@ def rmsprop(
       Networks*, arXiv:1308.0850 (2013); Loshchilov and Hutter, *Decoupled
       Weight Decay Regularization*, ICLR 2019.
     """
+    if flat:  # the same transform on per-dtype vectors (rmsprop_jax.flat)
+        options = dict(locals())
+        del options["flat"], options["weight_decay_mask"]
+        return flat_transform(
+            lambda mask: rmsprop(**options, weight_decay_mask=mask),
+            weight_decay_mask,
+            uses_params=not _is_off(weight_decay),
+        )
     state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
+    codec = lowmem.make_codec(state_dtype, state_bits, block_size, stochastic_rounding)
     _checks.check_learning_rate(learning_rate)
     if momentum is None:
         if nesterov:
@@ -187,7 +219,7 @@ def rmsprop(
     @jax.jit  # see scale_by_rms: keeps the state on the params' devices
     def init_fn(params: optax.Params) -> RMSpropState:
         nu, mu, buffer = init_moments(
-            params, initial_scale, centered, state_dtype, split_complex, momentum=momentum is not None
+            params, initial_scale, centered, state_dtype, split_complex, momentum=momentum is not None, codec=codec
         )
         skipped = jnp.zeros([], jnp.int32) if skip_nonfinite else None
         return RMSpropState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu, momentum=buffer, skipped=skipped)
@@ -215,15 +247,16 @@ def rmsprop(
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         count = optax.safe_increment(state.count)
         out, nu_out, mu_out, b_out = [], [], [], []
-        for g, nu, mu, b, x, decays in zip(g_leaves, nu_leaves, mu_leaves, b_leaves, x_leaves, decay_mask, strict=True):
-            cdtype = compute_dtype(g.dtype, nu.dtype)
+        leaves = zip(g_leaves, nu_leaves, mu_leaves, b_leaves, x_leaves, decay_mask, strict=True)
+        for i, (g, nu, mu, b, x, decays) in enumerate(leaves):
+            cdtype = compute_dtype(g.dtype, lowmem.dtype_of(nu))
             real = jnp.finfo(cdtype).dtype
             eta = jnp.asarray(lr, real)
             wd = jnp.asarray(weight_decay, real)
             g32 = g.astype(cdtype)
             if coupled and decays:
                 g32 = g32 + wd * x.astype(cdtype)
-            s, nu_new, mu_new = rms_scale_leaf(
+            s, nu_new, mu_new = (rms_scale_leaf if codec is None else codec.leaf_fn(i))(
                 g32,
                 nu,
                 mu,
@@ -243,7 +276,7 @@ def rmsprop(
                 b_new = mom * b.astype(cdtype) + step
                 direction = mom * b_new + step if nesterov else b_new
                 update = -direction if lr_in_momentum else -eta * direction
-                b = b_new.astype(b.dtype)
+                b = b_new.astype(b.dtype) if codec is None else codec.round(b_new, b.dtype, count, i, lowmem.MOMENTUM)
             if decoupled and decays:
                 update = update - eta * wd * x.astype(cdtype)
             if unapplied_decay is not None:

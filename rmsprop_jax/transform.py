@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, lowmem
 from rmsprop_jax._guard import skip_if_nonfinite
+from rmsprop_jax.flat import flat_transform
 
 
 class ScaleByRmsState(NamedTuple):
@@ -22,8 +23,13 @@ class ScaleByRmsState(NamedTuple):
 
     Attributes:
       count: int32 number of updates applied, saturating at the int32 maximum.
-      nu: running average of squared gradients, shaped like the params (real
-        valued, also for complex params). Stored without bias correction.
+      nu: running average of squared gradients, shaped like the params and
+        stored without bias correction. Real valued, also for complex params
+        (it averages |g|^2); with ``split_complex=True`` it is complex, holding
+        the average of re(g)^2 in its real part and of im(g)^2 in its
+        imaginary part. With ``state_bits=8`` leaves of at least one block
+        are `rmsprop_jax.lowmem.QuantizedArray`; with ``flat=True`` the state
+        is one vector per dtype (see `rmsprop_jax.flat.FlatLayout`).
       mu: running average of gradients when ``centered=True``, else None.
       skipped: int32 number of steps skipped for non-finite values when
         ``skip_nonfinite=True``, else None.
@@ -88,6 +94,7 @@ def init_moments(
     nu_dtype: jnp.dtype | None,
     split_complex: bool,
     momentum: bool = False,
+    codec: lowmem.StateCodec | None = None,
 ) -> tuple[optax.Updates, optax.Updates | None, optax.Updates | None]:
     """Builds ``nu`` (filled with `initial_scale`) and zero ``mu`` / momentum buffers when used."""
     leaves, treedef = jax.tree.flatten(params)
@@ -98,6 +105,8 @@ def init_moments(
         filled_like(p, initial_scale * (1 + 1j) if jnp.issubdtype(d_nu, jnp.complexfloating) else initial_scale, d_nu)
         for p, (d_nu, _) in zip(leaves, dtypes, strict=True)
     ]
+    if codec is not None:  # 8-bit nu for leaves of at least one block
+        nu = [codec.init_nu(p, initial_scale, d, x) for p, (d, _), x in zip(leaves, dtypes, nu, strict=True)]
 
     def zeros() -> optax.Updates:
         return jax.tree.unflatten(treedef, [filled_like(p, 0, d) for p, (_, d) in zip(leaves, dtypes, strict=True)])
@@ -110,10 +119,11 @@ def flatten_like_state(
 ) -> tuple[jax.tree_util.PyTreeDef, list[jax.Array], list[jax.Array], list[Any]]:
     """Flattens the incoming updates and the moments, checking that they line up."""
     g, treedef = jax.tree.flatten(updates)
-    _checks.check_same_structure(jax.tree.structure(nu), treedef, "optimizer state (nu)", "updates")
+    nu_leaves, nu_treedef = jax.tree.flatten(nu, is_leaf=lowmem.is_quantized)  # an 8-bit leaf is one leaf
+    _checks.check_same_structure(nu_treedef, treedef, "optimizer state (nu)", "updates")
     _checks.check_inexact(g, "gradients")
     mu_leaves = [None] * len(g) if mu is None else jax.tree.leaves(mu)
-    return treedef, g, jax.tree.leaves(nu), mu_leaves
+    return treedef, g, nu_leaves, mu_leaves
 
 
 def flatten_params(params: optax.Params | None, treedef: jax.tree_util.PyTreeDef, why: str) -> list[jax.Array]:
@@ -159,11 +169,16 @@ def rms_scale_leaf(
         )
         return _from_pairs(s), _from_pairs(nu_pairs).astype(nu.dtype), _from_pairs_or_none(mu_pairs, mu)
     real = _real(g.dtype)
+    # For a Python number the complement 1 - decay is taken exactly and then
+    # rounded (as optax, PyTorch and Keras 3 do): float32(1 - 0.999) is 0.001,
+    # while 1 - float32(0.999) is 1.3e-5 away from it. An array decay is used
+    # as given, so its complement is computed in its own dtype (as TF1 does).
+    complement = jnp.asarray(1 - decay, real)
     decay = jnp.asarray(decay, real)
     eps = jnp.asarray(eps, real)
     # |g|^2 for complex g: one real magnitude per element (stored real).
     squared = (jnp.conj(g) * g).real if jnp.iscomplexobj(g) else g * g
-    nu_new = decay * nu.astype(real) + (1 - decay) * squared
+    nu_new = decay * nu.astype(real) + complement * squared
     v_hat = nu_new
     # Multiplying by the reciprocal, rather than dividing, is written out because
     # XLA makes that rewrite in some programs and not others (e.g. sharded vs
@@ -174,7 +189,10 @@ def rms_scale_leaf(
     mu_new = None
     if centered:
         assert mu is not None
-        mu_new = decay * mu.astype(g.dtype) + (1 - decay) * g
+        # The interpolation form m + (1 - decay)(g - m) (PyTorch's lerp, TF's kernels)
+        # keeps the average of a constant gradient exactly constant.
+        mu_old = mu.astype(g.dtype)
+        mu_new = mu_old + complement * (g - mu_old)
         m_hat = mu_new if correction is None else mu_new * correction
         m_squared = (jnp.conj(m_hat) * m_hat).real if jnp.iscomplexobj(m_hat) else m_hat * m_hat
         # Rounding can make v - m^2 slightly negative (constant gradients do it
@@ -229,6 +247,10 @@ def scale_by_rms(
     nu_dtype: Any = None,
     split_complex: bool = False,
     skip_nonfinite: bool = False,
+    stochastic_rounding: bool | None = None,
+    state_bits: int | None = None,
+    block_size: int | None = None,
+    flat: bool = False,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by the root of a running average of their squares.
 
@@ -261,13 +283,27 @@ def scale_by_rms(
       bias_correction: divide the averages by :math:`1 - \gamma^t` (the stored
         state stays uncorrected).
       nu_dtype: dtype of the state. None keeps the params' precision, except
-        that bfloat16/float16 params get float32 state.
+        that bfloat16/float16 params get float32 state. For a smaller state
+        prefer bfloat16: float16's range ends near 6e-8, so small squared
+        gradients underflow and the steps grow.
       split_complex: treat the real and imaginary parts of complex params as
         independent reals, each with its own average (PyTorch's rule), instead
         of sharing one average of :math:`|g|^2` per element.
       skip_nonfinite: skip any step whose gradients, updates or new ``nu``
         hold a NaN or inf: the updates are zero, the state stays as it was and
         ``state.skipped`` counts the skipped steps.
+      stochastic_rounding: round state stored below float32 precision
+        (``nu_dtype`` bfloat16/float16, ``state_bits=8``) stochastically, so
+        that it stays unbiased and a decay close to 1 still forgets. None
+        (default) means on; see :mod:`rmsprop_jax.lowmem`.
+      state_bits: None, or 8 to store ``nu`` as 8-bit codes with a float32
+        scale per block (:class:`rmsprop_jax.lowmem.QuantizedArray`, about
+        1.02 bytes per element); leaves smaller than one block stay unquantized.
+      block_size: elements per 8-bit block (default 256; needs ``state_bits=8``).
+      flat: keep the state as one contiguous vector per dtype instead of one array per leaf,
+        so that a step over many small leaves runs O(1) kernels for the state;
+        same results. Read ``nu`` per leaf with
+        ``rmsprop_jax.flat.FlatLayout(params).unravel(state.nu)``.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a `ScaleByRmsState`.
@@ -286,14 +322,19 @@ def scale_by_rms(
       lecture 6e (2012); Graves, *Generating Sequences With Recurrent Neural
       Networks*, arXiv:1308.0850 (2013), eqs. (38)-(41).
     """
+    if flat:  # the same transform on per-dtype vectors (rmsprop_jax.flat)
+        options = dict(locals())
+        del options["flat"]
+        return flat_transform(lambda _: scale_by_rms(**options))
     state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
+    codec = lowmem.make_codec(state_dtype, state_bits, block_size, stochastic_rounding)
     guard_zero = needs_zero_guard(eps)
 
     # One compiled computation: the state inherits the params' shardings and the
     # count is replicated on their mesh, whether init is called eagerly or jitted.
     @jax.jit
     def init_fn(params: optax.Params) -> ScaleByRmsState:
-        nu, mu, _ = init_moments(params, initial_scale, centered, state_dtype, split_complex)
+        nu, mu, _ = init_moments(params, initial_scale, centered, state_dtype, split_complex, codec=codec)
         skipped = jnp.zeros([], jnp.int32) if skip_nonfinite else None
         return ScaleByRmsState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu, skipped=skipped)
 
@@ -304,9 +345,9 @@ def scale_by_rms(
         treedef, g_leaves, nu_leaves, mu_leaves = flatten_like_state(updates, state.nu, state.mu)
         count = optax.safe_increment(state.count)
         out, nu_out, mu_out = [], [], []
-        for g, nu, mu in zip(g_leaves, nu_leaves, mu_leaves, strict=True):
-            cdtype = compute_dtype(g.dtype, nu.dtype)
-            s, nu_new, mu_new = rms_scale_leaf(
+        for i, (g, nu, mu) in enumerate(zip(g_leaves, nu_leaves, mu_leaves, strict=True)):
+            cdtype = compute_dtype(g.dtype, lowmem.dtype_of(nu))
+            s, nu_new, mu_new = (rms_scale_leaf if codec is None else codec.leaf_fn(i))(
                 g.astype(cdtype),
                 nu,
                 mu,

@@ -1,0 +1,1 @@
+"""Benchmarks of rmsprop_jax against optax.rmsprop and torch.optim.RMSprop (run: python -m benchmarks.run)."""

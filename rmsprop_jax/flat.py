@@ -1,0 +1,186 @@
+"""Flat state and flat parameters: O(1) kernels per step for models with many small leaves.
+
+On XLA:CPU every buffer a step writes costs at least one loop kernel (a few
+microseconds for a small leaf), and update + ``optax.apply_updates`` over a
+pytree writes two buffers per leaf: the parameter and its ``nu``. Two remedies:
+
+* ``rmsprop(..., flat=True)`` (and ``scale_by_rms(..., flat=True)``) keeps
+  the state as one contiguous vector per group of leaves (a group is a dtype,
+  split further by the weight-decay mask), so a pytree step writes the
+  leaves plus one buffer per group instead of two buffers per leaf. The
+  arithmetic is the per-leaf rule applied to the concatenated vectors, so
+  the results are those of ``flat=False``. Read ``nu`` per leaf with
+  ``FlatLayout(params, labels).unravel(state.nu)``; the labels are the
+  weight-decay mask (None without one).
+
+* Flat-parameter training: keep the params themselves as one vector per
+  group for the whole run (`FlatLayout.ravel` once), give the model a tree
+  view of them inside the jitted step (`FlatLayout.unravel`: slices and
+  reshapes that XLA fuses into their consumers) and differentiate with
+  respect to the vectors. Gradients, the optimizer update and the parameter
+  update are then a handful of kernels whatever the number of leaves. A
+  per-leaf mask (e.g. weight decay) becomes one label per group:
+  `FlatLayout.labels`.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
+  >>> from rmsprop_jax.flat import FlatLayout
+  >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  >>> decay_mask = {"w": True, "b": False}
+  >>> layout = FlatLayout(params, labels=decay_mask)
+  >>> flat = layout.ravel(params)  # one vector per (dtype, label) group; leaves in tree order (b, w)
+  >>> {k: v.shape for k, v in flat.items()}
+  {'float32/0': (2,), 'float32/1': (6,)}
+  >>> tx = rmsprop_jax.rmsprop(0.1, weight_decay=1e-2, weight_decay_mask=layout.labels())
+  >>> state = tx.init(flat)
+  >>> def loss(flat):
+  ...     p = layout.unravel(flat)  # a tree view of the vectors
+  ...     return jnp.sum((p["w"].sum(0) + p["b"] - 1.0) ** 2)
+  >>> @jax.jit
+  ... def step(flat, state):
+  ...     grads = jax.grad(loss)(flat)
+  ...     updates, state = tx.update(grads, state, flat)
+  ...     return optax.apply_updates(flat, updates), state
+  >>> for _ in range(50):
+  ...     flat, state = step(flat, state)
+  >>> round(float(loss(flat)), 2)
+  0.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rmsprop_jax import _checks
+
+__all__ = ["FlatLayout", "flat_transform"]
+
+
+class FlatLayout:
+    """Where each leaf of a pytree lives in a few flat vectors.
+
+    Leaves are grouped by dtype and, optionally, by a per-leaf label (such as
+    a weight-decay mask); each group is one vector holding its leaves in tree
+    order. Groups are named ``"<dtype>/<k>"`` with k the index of the label
+    in order of first appearance. Only shapes and dtypes are read, so the
+    layout can be built from arrays, tracers or ``jax.ShapeDtypeStruct``.
+
+    Args:
+      tree: the pytree (params, gradients...).
+      labels: None, a pytree of hashable labels with the structure of
+        `tree`, or a function from `tree` to one.
+    """
+
+    def __init__(self, tree: Any, labels: Any = None):
+        leaves, self.treedef = jax.tree.flatten(tree)
+        self.shapes = [tuple(np.shape(x)) for x in leaves]
+        self.dtypes = [jnp.dtype(jnp.result_type(x)) for x in leaves]
+        if callable(labels):
+            labels = labels(tree)
+        if labels is None:
+            label_leaves: list[Hashable] = [None] * len(leaves)
+        else:
+            label_leaves, label_def = jax.tree.flatten(labels)
+            _checks.check_same_structure(self.treedef, label_def, "tree", "labels")
+        order: dict[Hashable, int] = {}
+        for label in label_leaves:
+            order.setdefault(label, len(order))
+        self.label_of: dict[str, Hashable] = {}
+        self.groups: dict[str, list[int]] = {}
+        for i, (dtype, label) in enumerate(zip(self.dtypes, label_leaves, strict=True)):
+            name = f"{dtype.name}/{order[label]}"
+            self.groups.setdefault(name, []).append(i)
+            self.label_of[name] = label
+        self.offsets: dict[int, int] = {}
+        self.sizes: dict[str, int] = {}
+        for name, members in self.groups.items():
+            offset = 0
+            for i in members:
+                self.offsets[i] = offset
+                offset += math.prod(self.shapes[i])
+            self.sizes[name] = offset
+
+    def ravel(self, tree: Any) -> dict[str, jax.Array]:
+        """The leaves of `tree` (structured like the layout's tree) concatenated per group."""
+        leaves, treedef = jax.tree.flatten(tree)
+        _checks.check_same_structure(self.treedef, treedef, "layout", "tree")
+        out = {}
+        for name, members in self.groups.items():
+            parts = [jnp.reshape(leaves[i], (-1,)) for i in members]
+            out[name] = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        return out
+
+    def unravel(self, flat: dict[str, jax.Array]) -> Any:
+        """The tree view of per-group vectors.
+
+        One ``lax.split`` per group: XLA fuses the pieces into their
+        consumers, and under ``jax.grad`` its transpose is a single
+        concatenation (slicing leaf by leaf would transpose to one padded
+        full-size vector per leaf, summed: quadratic in the leaf count).
+        """
+        leaves: list[Any] = [None] * len(self.shapes)
+        for name, members in self.groups.items():
+            sizes = [math.prod(self.shapes[i]) for i in members]
+            pieces = jax.lax.split(flat[name], sizes) if len(members) > 1 else [flat[name]]
+            for i, piece in zip(members, pieces, strict=True):
+                leaves[i] = jnp.reshape(piece, self.shapes[i])
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def labels(self) -> dict[str, Hashable]:
+        """The label of each group, e.g. ``weight_decay_mask=layout.labels()`` for the flat params."""
+        return dict(self.label_of)
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.sizes.values())
+
+
+def flat_transform(
+    make: Callable[[Any], optax.GradientTransformation], mask: Any = None, uses_params: bool = False
+) -> optax.GradientTransformationExtraArgs:
+    """Runs a per-leaf transform on per-group vectors; the updates come back as a tree.
+
+    Args:
+      make: builds the inner transform given the weight-decay mask for the
+        groups (a dict of bools, or None).
+      mask: the per-leaf weight-decay mask (a tree of bools or a function of
+        the params), or None.
+      uses_params: the inner transform reads the params (weight decay), so
+        they are concatenated too.
+
+    The state is the inner transform's, with every parameter-sized field a
+    dict of vectors keyed by group name (see `FlatLayout`).
+    """
+
+    make(None)  # validates the arguments now rather than at init
+
+    def layout_for(tree: Any, params: Any) -> FlatLayout:
+        if mask is None:
+            return FlatLayout(tree)
+        labels = mask(params if params is not None else tree) if callable(mask) else mask
+        return FlatLayout(tree, labels=jax.tree.map(bool, labels))
+
+    def inner(layout: FlatLayout) -> optax.GradientTransformation:
+        return make(None if mask is None else layout.labels())
+
+    def init_fn(params: optax.Params) -> optax.OptState:
+        layout = layout_for(params, params)
+        return inner(layout).init(layout.ravel(params))
+
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None, **extra: Any
+    ) -> tuple[optax.Updates, optax.OptState]:
+        del extra
+        layout = layout_for(updates, params)
+        flat_params = None if params is None or not uses_params else layout.ravel(params)
+        flat_updates, state = inner(layout).update(layout.ravel(updates), state, flat_params)
+        return layout.unravel(flat_updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
