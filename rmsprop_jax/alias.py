@@ -70,6 +70,26 @@ def _mask_leaves(mask: WeightDecayMask | None, params: optax.Params, treedef: ja
         raise TypeError("weight_decay_mask leaves must be Python bools, not traced arrays.") from error
 
 
+def _decoupled_decay(
+    update: jax.Array, x: jax.Array, wd: jax.Array, eta: jax.Array, *, params_first: bool
+) -> jax.Array:
+    """Adds ``-eta * wd * x`` to `update` (the compute-dtype update of params `x`).
+
+    With `params_first` (for float32 and wider params) the decay is applied to
+    the params before the step, as Keras does, and the update is returned as
+    the difference of the new and old params: the same math with Keras'
+    rounding of the params. Half-precision params always take the decay inside
+    the update: rounded on its own, ``x - eta * wd * x`` is ``x`` in bfloat16
+    for any realistic rate, and the decay would be lost.
+    """
+    x_wide = x.astype(update.dtype)
+    if not params_first or jnp.finfo(x.dtype).bits < 32:
+        return update - eta * wd * x_wide
+    decayed = (x_wide - x_wide * wd * eta).astype(x.dtype)  # Keras' order: (x * wd) * lr
+    stepped = (decayed.astype(update.dtype) + update).astype(x.dtype)
+    return stepped.astype(update.dtype) - x_wide
+
+
 def rmsprop(
     learning_rate: optax.ScalarOrSchedule,
     decay: chex.Numeric = 0.9,
@@ -85,6 +105,7 @@ def rmsprop(
     weight_decay: chex.Numeric = 0.0,
     decoupled_weight_decay: bool = False,
     weight_decay_mask: WeightDecayMask | None = None,
+    decay_params_first: bool = False,
     nu_dtype: Any = None,
     split_complex: bool = False,
     skip_nonfinite: bool = False,
@@ -144,6 +165,10 @@ def rmsprop(
         (PyTorch's L2).
       weight_decay_mask: a pytree of bools shaped like the params, or a
         function from params to one, selecting the leaves to decay.
+      decay_params_first: with decoupled weight decay and float32 or wider
+        params, decay the params before the step and return the difference of
+        the new and old params (Keras' rounding; the updates are then rounded
+        to the params' precision). For exact parity with Keras.
       nu_dtype: dtype of the state (``nu``, ``mu`` and momentum). None keeps
         the params' precision, except bfloat16/float16 params get float32.
         For a smaller state prefer bfloat16: float16's range ends near 6e-8,
@@ -278,7 +303,7 @@ def rmsprop(
                 update = -direction if lr_in_momentum else -eta * direction
                 b = b_new.astype(b.dtype) if codec is None else codec.round(b_new, b.dtype, count, i, lowmem.MOMENTUM)
             if decoupled and decays:
-                update = update - eta * wd * x.astype(cdtype)
+                update = _decoupled_decay(update, x, wd, eta, params_first=decay_params_first)
             if unapplied_decay is not None:
                 update = jnp.where(unapplied_decay == 0, update, jnp.nan)
             out.append(update.astype(g.dtype))

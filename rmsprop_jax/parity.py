@@ -162,10 +162,8 @@ class Case:
         """The known rounding difference that keeps this case from `TOLERANCE`, or None."""
         options = self.kwargs
         weight_decay = options.get("weight_decay") or 0.0
-        if self.framework == "keras" and weight_decay > 0:
-            return GAPS["params-first-decay"]
         if self.framework == "timm_tf" and options.get("decoupled_decay") and weight_decay > 0:
-            return GAPS["params-first-decay"]
+            return GAPS["timm-decay-form"]
         if self.framework == "keras" and options.get("centered"):
             return GAPS["gradient-average-form"]
         return None
@@ -176,12 +174,12 @@ class Case:
 
 @dataclasses.dataclass(frozen=True)
 class Gap:
-    """A rounding behaviour of a framework that the core cannot reproduce yet.
+    """A rounding behaviour of a framework that the core does not reproduce.
 
     Attributes:
       tag: a short identifier (used in test ids).
       title: a few words for the parity table.
-      detail: what differs and what the core would need.
+      detail: what differs, and why it shows.
     """
 
     tag: str
@@ -197,13 +195,12 @@ GAPS = {
         "m + (1 - rho)*(g - m). The two differ in the last bit, and the centered variance v - m^2 cancels "
         "and amplifies that difference to just above 1e-6 over 200 steps in some cases.",
     ),
-    "params-first-decay": Gap(
-        "params-first-decay",
-        "a core option applying decoupled decay to the params first",
-        "Keras (x <- x - (x*wd)*lr) and timm (x <- x*(1 - lr*wd)) decay the params in place before the step, "
-        "so the params are rounded twice per step; the core adds -lr*wd*x to the update and the params are "
-        "rounded once. Needs a core option that applies the decay to the params first and returns the "
-        "difference of the new and the old params.",
+    "timm-decay-form": Gap(
+        "timm-decay-form",
+        "timm rounds its decoupled decay in another form",
+        "timm decays the params in place as x*(1 - lr*wd), with 1 - lr*wd rounded once; the core also applies "
+        "decoupled decay to the params before the step, but in Keras' form x - (x*wd)*lr, so the params round "
+        "differently each step.",
     ),
 }
 
@@ -1052,7 +1049,7 @@ def _framework_row(key: str, steps: int, log: Callable[[str], None]) -> Row:
         over = sum(d > TOLERANCE for d in pending)
         text += (
             f"; {_format_deviation(max(pending))} in the other {len(pending)} ({over} above {TOLERANCE:g}), "
-            f"which await {gap.title}"
+            f"where {gap.title}"
         )
     log(f"{key}: {len(group)} cases, {text}, {time.perf_counter() - start:.1f} s")
     return Row(spec.title, version, configurations, text, spec.run_or_rule)
@@ -1117,8 +1114,7 @@ def render_markdown(rows: Sequence[Row], steps: int = STEPS) -> str:
         "code), and the preset is compared with a float64 transcription of the published update rule; the "
         "float32 figure shows float32 rounding alone.",
         "",
-        "Configurations that exceed the target because the framework rounds differently, and what the core "
-        "would need to follow it:",
+        "Configurations that exceed the target because the framework rounds an intermediate differently:",
         "",
         *[f"- *{gap.title}*: {gap.detail}" for gap in GAPS.values()],
         "",

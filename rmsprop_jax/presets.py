@@ -305,9 +305,10 @@ def keras(
     Mapping: the clipping above, then ``rmsprop(learning_rate, decay=rho,
     eps=epsilon, eps_in_sqrt=True, centered=centered, momentum=momentum or
     None, lr_in_momentum=True, weight_decay=weight_decay,
-    decoupled_weight_decay=True)``. Decay applied before the step and the
-    core's decoupled decay added to the update are the same arithmetic,
-    because the Keras step itself does not read the params.
+    decoupled_weight_decay=True, decay_params_first=True)``. Keras decays the
+    params before the step, which is the same arithmetic as adding the decay
+    to the update (the Keras step does not read the params);
+    ``decay_params_first`` reproduces its rounding of the params too.
 
     Keras' ``exclude_from_weight_decay``, EMA, loss scaling and gradient
     accumulation are not arguments of this preset: the core
@@ -366,6 +367,7 @@ def keras(
         lr_in_momentum=True,
         weight_decay=0.0 if weight_decay is None else weight_decay,
         decoupled_weight_decay=True,
+        decay_params_first=True,
     )
     return core if clipping is None else _with_preprocessing(clipping, core)
 

@@ -624,3 +624,32 @@ def test_types_state_and_extra_args():
     chained = optax.chain(rmsprop_jax.rmsprop(0.1, momentum=0.9), optax.scale(1.0))
     with_extra, _ = chained.update(g, chained.init(params), params, value=jnp.float32(1.0))
     chex.assert_trees_all_close(with_extra, plain, rtol=1e-6)
+
+
+def test_decay_params_first_rounds_the_params_like_keras():
+    # Keras: x1 = x - (x * wd) * lr in float32, then x2 = x1 + u, with u the step without decay.
+    # The step is small next to |x| (as in training), so x2 - x is exact and x + (x2 - x) is x2.
+    rng = np.random.default_rng(21)
+    x = (rng.choice([-1.0, 1.0], 512) * rng.uniform(0.5, 2.0, 512)).astype(np.float32)
+    g = rng.standard_normal(512).astype(np.float32)
+    lr, wd = np.float32(1e-3), np.float32(0.05)
+    plain = rmsprop_jax.rmsprop(float(lr))
+    u0, _ = plain.update({"w": jnp.asarray(g)}, plain.init({"w": jnp.asarray(x)}))
+    x1 = (x - (x * wd) * lr).astype(np.float32)
+    want = (x1 + np.asarray(u0["w"])).astype(np.float32)
+    tx = rmsprop_jax.rmsprop(float(lr), weight_decay=float(wd), decoupled_weight_decay=True, decay_params_first=True)
+    params = {"w": jnp.asarray(x)}
+    u, _ = tx.update({"w": jnp.asarray(g)}, tx.init(params), params)
+    np.testing.assert_array_equal(np.asarray(optax.apply_updates(params, u)["w"]), want)
+
+
+def test_decay_params_first_keeps_the_decay_in_the_update_for_bfloat16():
+    # Rounded on its own, x - lr * wd * x is x in bfloat16: the option must not lose the decay there.
+    params = {"w": jnp.linspace(-2.0, 2.0, 64, dtype=jnp.bfloat16)}
+    grads = {"w": jnp.full((64,), 0.3, jnp.bfloat16)}
+    kwargs = dict(weight_decay=0.05, decoupled_weight_decay=True)
+    first = rmsprop_jax.rmsprop(0.01, decay_params_first=True, **kwargs)
+    default = rmsprop_jax.rmsprop(0.01, **kwargs)
+    u_first, _ = first.update(grads, first.init(params), params)
+    u_default, _ = default.update(grads, default.init(params), params)
+    np.testing.assert_array_equal(np.asarray(u_first["w"]), np.asarray(u_default["w"]))
