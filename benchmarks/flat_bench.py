@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import rmsprop_jax
 from benchmarks import measure, workloads
+from rmsprop_jax import demo
 from rmsprop_jax.flat import FlatLayout
 
 
@@ -43,7 +42,7 @@ def optimizer_rows(n_leaves: int, rounds: int, min_round_s: float, compile_only:
     return [
         [
             name,
-            f"{measure.fmt_time(t.median)} [{measure.fmt_time(t.low)}-{measure.fmt_time(t.high)}]",
+            measure.fmt_timing(t),
             f"{base / t.median:.1f}",
             str(stats[name].fusions),
             f"{stats[name].compile_s:.2f}",
@@ -52,32 +51,15 @@ def optimizer_rows(n_leaves: int, rounds: int, min_round_s: float, compile_only:
     ]
 
 
-def _mlp_tree(key: jax.Array, sizes: list[int]) -> dict[str, jax.Array]:
-    params = {}
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        params[f"w{i}"] = jax.random.normal(jax.random.fold_in(key, i), (a, b)) / np.sqrt(a)
-        params[f"b{i}"] = jnp.zeros(b)
-    return params
-
-
-def _mlp(params: Any, x: jax.Array) -> jax.Array:
-    n = len(params) // 2
-    for i in range(n):
-        x = x @ params[f"w{i}"] + params[f"b{i}"]
-        if i < n - 1:
-            x = jax.nn.relu(x)
-    return x
-
-
 def end_to_end_rows(rounds: int, min_round_s: float, n_leaves: int) -> list[list[str]]:
     """Forward + backward + update + apply, as a pytree and on flat params."""
     key = jax.random.key(0)
     cases = {}
     # A small RL-style MLP (8 -> 64 -> 64 -> 4) on a batch of 32.
-    mlp = _mlp_tree(key, [8, 64, 64, 4])
+    mlp = demo.init_mlp(key, [8, 64, 64, 4])
     x = jax.random.normal(key, (32, 8))
     y = jax.random.normal(jax.random.fold_in(key, 1), (32, 4))
-    cases["MLP 8-64-64-4, batch 32"] = (mlp, lambda p: jnp.mean((_mlp(p, x) - y) ** 2))
+    cases["MLP 8-64-64-4, batch 32"] = (mlp, lambda p: jnp.mean((demo.mlp(p, x) - y) ** 2))
     # Many small leaves: each leaf is fitted to its own target (a per-leaf quadratic model).
     wl = workloads.many_small(n_leaves, 256)
     many = jax.device_put(workloads.arrays(wl)[0])

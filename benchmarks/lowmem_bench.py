@@ -38,7 +38,7 @@ def step_costs(n: int, rounds: int, min_round_s: float) -> list[list[str]]:
         [
             name,
             f"{nbytes[name]:.3f}",
-            f"{measure.fmt_time(t.median)} [{measure.fmt_time(t.low)}-{measure.fmt_time(t.high)}]",
+            measure.fmt_timing(t),
             f"{t.median / base:.2f}",
             f"{stats[name].bytes_accessed / n:.1f}",
             str(stats[name].fusions),

@@ -186,6 +186,11 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
+def fmt_timing(timing: Timing) -> str:
+    """The median with the range of the rounds, e.g. ``5.52 ms [5.06 ms-7.41 ms]``."""
+    return f"{fmt_time(timing.median)} [{fmt_time(timing.low)}-{fmt_time(timing.high)}]"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

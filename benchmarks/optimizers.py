@@ -134,8 +134,7 @@ def table(rows: list[Row], stream_gbps: float) -> str:
             [
                 r.variant,
                 r.impl,
-                f"{measure.fmt_time(r.timing.median)} [{measure.fmt_time(r.timing.low)}-"
-                f"{measure.fmt_time(r.timing.high)}]",
+                measure.fmt_timing(r.timing),
                 "—" if rel is None else f"{rel:.2f}",
                 f"{gbps:.1f}",
                 f"{gbps / stream_gbps:.0%}",
