@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, lowmem
+from rmsprop_jax import _checks, _placement, _random, formats
 from rmsprop_jax._guard import skip_if_nonfinite
 from rmsprop_jax.flat import flat_transform
 from rmsprop_jax.transform import (
@@ -19,6 +19,7 @@ from rmsprop_jax.transform import (
     flatten_like_state,
     flatten_params,
     init_moments,
+    moment_shardings,
     needs_zero_guard,
     rms_scale_leaf,
 )
@@ -228,7 +229,7 @@ def rmsprop(
             uses_params=not _is_off(weight_decay),
         )
     state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
-    codec = lowmem.make_codec(state_dtype, state_bits, block_size, stochastic_rounding)
+    storage = formats.make_storage(state_dtype, split_complex, state_bits, block_size, stochastic_rounding)
     _checks.check_learning_rate(learning_rate)
     if momentum is None:
         if nesterov:
@@ -241,14 +242,23 @@ def rmsprop(
     coupled = use_decay and not decoupled_weight_decay
     decoupled = use_decay and decoupled_weight_decay
 
-    @jax.jit  # see scale_by_rms: keeps the state on the params' devices
-    def init_fn(params: optax.Params) -> RMSpropState:
-        nu, mu, buffer = init_moments(
-            params, initial_scale, centered, state_dtype, split_complex, momentum=momentum is not None, codec=codec
-        )
+    def build(params: optax.Params) -> RMSpropState:
+        nu, mu, buffer = init_moments(params, initial_scale, centered, storage, momentum=momentum is not None)
         skipped = jnp.zeros([], jnp.int32) if skip_nonfinite else None
         return RMSpropState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu, momentum=buffer, skipped=skipped)
 
+    def shardings_for(
+        treedef: jax.tree_util.PyTreeDef, leaves: list[Any], shardings: list[Any], scalar: Any
+    ) -> RMSpropState:
+        nu, mu, buffer = moment_shardings(leaves, shardings, treedef, centered, storage, momentum=momentum is not None)
+        return RMSpropState(count=scalar, nu=nu, mu=mu, momentum=buffer, skipped=scalar if skip_nonfinite else None)
+
+    def init_fn(params: optax.Params) -> RMSpropState:
+        # See scale_by_rms: the state lands where its parameters are.
+        _checks.check_inexact(jax.tree.leaves(params), "params")
+        return _placement.initialize(build, shardings_for, params)
+
+    @_placement.on_auto_axes
     def update_fn(
         updates: optax.Updates, state: RMSpropState, params: optax.Params | None = None, **extra_args: Any
     ) -> tuple[optax.Updates, RMSpropState]:
@@ -274,34 +284,40 @@ def rmsprop(
         out, nu_out, mu_out, b_out = [], [], [], []
         leaves = zip(g_leaves, nu_leaves, mu_leaves, b_leaves, x_leaves, decay_mask, strict=True)
         for i, (g, nu, mu, b, x, decays) in enumerate(leaves):
-            cdtype = compute_dtype(g.dtype, lowmem.dtype_of(nu))
+            cdtype = compute_dtype(g.dtype, formats.value_dtype(nu))
             real = jnp.finfo(cdtype).dtype
             eta = jnp.asarray(lr, real)
             wd = jnp.asarray(weight_decay, real)
             g32 = g.astype(cdtype)
             if coupled and decays:
                 g32 = g32 + wd * x.astype(cdtype)
-            s, nu_new, mu_new = (rms_scale_leaf if codec is None else codec.leaf_fn(i))(
+            s, nu_new, mu_new = rms_scale_leaf(
                 g32,
                 nu,
                 mu,
                 count,
                 decay,
                 eps,
+                leaf=i,
+                storage=storage,
                 eps_in_sqrt=eps_in_sqrt,
                 centered=centered,
                 bias_correction=bias_correction,
                 guard_zero=guard_zero,
+                # Without momentum the update is -eta * g / denominator, with the division last.
+                numerator=-eta if b is None else None,
             )
             if b is None:
-                update = -eta * s
+                update = s
             else:
                 mom = jnp.asarray(momentum, real)
                 step = eta * s if lr_in_momentum else s
                 b_new = mom * b.astype(cdtype) + step
                 direction = mom * b_new + step if nesterov else b_new
                 update = -direction if lr_in_momentum else -eta * direction
-                b = b_new.astype(b.dtype) if codec is None else codec.round(b_new, b.dtype, count, i, lowmem.MOMENTUM)
+                _, b_fmt = storage.stored_formats(nu, b)
+                assert b_fmt is not None
+                b = b_fmt.store(b_new, b, _random.step_key(count, i, _random.MOMENTUM))
             if decoupled and decays:
                 update = _decoupled_decay(update, x, wd, eta, params_first=decay_params_first)
             if unapplied_decay is not None:

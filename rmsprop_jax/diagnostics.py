@@ -45,7 +45,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
 
+from rmsprop_jax import _placement, formats
 from rmsprop_jax.alias import RMSpropState
 from rmsprop_jax.transform import ScaleByRmsState
 
@@ -185,12 +187,12 @@ def _per_leaf(
     fn: Callable[[jax.Array, jax.Array], Any],
 ) -> list[tuple[Any, Any]]:
     """Applies ``fn(v_hat, denominator)`` to every leaf; split complex leaves give a (real, imag) pair."""
-    nu_leaves = jax.tree.leaves(state.nu)
+    nu_leaves = jax.tree.leaves(formats.decode(state.nu))
     for leaf in nu_leaves:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             raise TypeError(
-                f"nu holds a {jnp.result_type(leaf)} leaf; the diagnostics need nu as floating-point values "
-                "shaped like the params (an integer-coded, quantized nu is not supported)."
+                f"nu holds a {jnp.result_type(leaf)} array; the diagnostics need nu as floating-point values "
+                "or in one of the formats of rmsprop_jax.formats."
             )
     mu_leaves: list[Any] = [None] * len(nu_leaves) if state.mu is None else jax.tree.leaves(state.mu)
     out = []
@@ -292,10 +294,24 @@ def effective_learning_rate(
     """
     state, injected = _find(opt_state)
     eta, decay, eps = _resolve(state, injected, learning_rate, decay, eps)
-    correction = _correction(state, decay, bias_correction)
-    parts = _per_leaf(state, correction, eps, eps_in_sqrt, lambda _, den: eta.astype(den.dtype) / den)
-    leaves = [lr if im is None else jax.lax.complex(lr, im) for lr, im in parts]
-    return jax.tree.unflatten(jax.tree.structure(state.nu), leaves)
+
+    def rates(state: RmsState, eta: jax.Array) -> Any:
+        correction = _correction(state, decay, bias_correction)
+        parts = _per_leaf(state, correction, eps, eps_in_sqrt, lambda _, den: eta.astype(den.dtype) / den)
+        leaves = [lr if im is None else jax.lax.complex(lr, im) for lr, im in parts]
+        return jax.tree.unflatten(jax.tree.structure(formats.decode(state.nu)), leaves)
+
+    mesh = _placement.explicit_mesh_of(state)
+    if mesh is None:
+        return rates(state, eta)
+
+    def layout(stored: Any) -> Any:
+        # A dense nu's layout is its parameter's; decoded formats come back replicated.
+        sharding = None if formats.is_stored_node(stored) else _placement.leaf_sharding(stored)
+        return sharding if isinstance(sharding, NamedSharding) else _placement.replicated(mesh)
+
+    out = jax.tree.map(layout, state.nu, is_leaf=formats.is_stored_node)
+    return _placement.in_auto_axes(rates, out, state, eta)
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str:
@@ -398,38 +414,47 @@ def summary(
     """
     state, injected = _find(opt_state)
     eta, decay, eps = _resolve(state, injected, learning_rate, decay, eps)
-    correction = _correction(state, decay, bias_correction)
 
-    def rate_and_dominated(v_hat: jax.Array, den: jax.Array) -> tuple[jax.Array, jax.Array]:
-        e = jnp.asarray(eps, v_hat.dtype)
-        return eta.astype(den.dtype) / den, v_hat < (e if eps_in_sqrt else e * e)
+    def scalars(state: RmsState, grads: Any, updates: Any, eta: jax.Array) -> dict[str, jax.Array]:
+        correction = _correction(state, decay, bias_correction)
 
-    parts = _per_leaf(state, correction, eps, eps_in_sqrt, rate_and_dominated)
-    paths = [_leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(state.nu)[0]]
-    out: dict[str, jax.Array] = {}
-    rates, dominated = [], []
-    for name, (re, im) in zip(paths, parts, strict=True):
-        pieces = [re] if im is None else [re, im]
-        lr = jnp.concatenate([p[0].ravel() for p in pieces])
-        if lr.size == 0:
-            continue
-        rates.append(lr)
-        dominated.append(jnp.concatenate([p[1].ravel() for p in pieces]))
-        if per_leaf:
-            out[f"lr_min/{name}"] = jnp.min(lr)
-            out[f"lr_median/{name}"] = jnp.median(lr)
-            out[f"lr_max/{name}"] = jnp.max(lr)
-    if rates:
-        all_rates = jnp.concatenate(rates)
-        out["lr_min"] = jnp.min(all_rates)
-        out["lr_median"] = jnp.median(all_rates)
-        out["lr_max"] = jnp.max(all_rates)
-        out["eps_dominated_fraction"] = jnp.mean(jnp.concatenate(dominated).astype(all_rates.dtype))
-    else:
-        nan = jnp.asarray(jnp.nan, jnp.float32)
-        out.update(lr_min=nan, lr_median=nan, lr_max=nan, eps_dominated_fraction=nan)
-    if grads is not None:
-        out["grad_rms"] = _rms(grads)
-    if updates is not None:
-        out["update_rms"] = _rms(updates)
-    return out
+        def rate_and_dominated(v_hat: jax.Array, den: jax.Array) -> tuple[jax.Array, jax.Array]:
+            e = jnp.asarray(eps, v_hat.dtype)
+            return eta.astype(den.dtype) / den, v_hat < (e if eps_in_sqrt else e * e)
+
+        parts = _per_leaf(state, correction, eps, eps_in_sqrt, rate_and_dominated)
+        nu = formats.decode(state.nu)
+        paths = [_leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(nu)[0]]
+        out: dict[str, jax.Array] = {}
+        rates, dominated = [], []
+        for name, (re, im) in zip(paths, parts, strict=True):
+            pieces = [re] if im is None else [re, im]
+            lr = jnp.concatenate([p[0].ravel() for p in pieces])
+            if lr.size == 0:
+                continue
+            rates.append(lr)
+            dominated.append(jnp.concatenate([p[1].ravel() for p in pieces]))
+            if per_leaf:
+                out[f"lr_min/{name}"] = jnp.min(lr)
+                out[f"lr_median/{name}"] = jnp.median(lr)
+                out[f"lr_max/{name}"] = jnp.max(lr)
+        if rates:
+            all_rates = jnp.concatenate(rates)
+            out["lr_min"] = jnp.min(all_rates)
+            out["lr_median"] = jnp.median(all_rates)
+            out["lr_max"] = jnp.max(all_rates)
+            out["eps_dominated_fraction"] = jnp.mean(jnp.concatenate(dominated).astype(all_rates.dtype))
+        else:
+            nan = jnp.asarray(jnp.nan, jnp.float32)
+            out.update(lr_min=nan, lr_median=nan, lr_max=nan, eps_dominated_fraction=nan)
+        if grads is not None:
+            out["grad_rms"] = _rms(grads)
+        if updates is not None:
+            out["update_rms"] = _rms(updates)
+        return out
+
+    # On Explicit mesh axes the sorts of the medians need unsharded operands: run on Auto axes.
+    mesh = _placement.explicit_mesh_of((state, grads, updates))
+    if mesh is None:
+        return scalars(state, grads, updates, eta)
+    return _placement.in_auto_axes(scalars, _placement.replicated(mesh), state, grads, updates, eta)

@@ -11,7 +11,10 @@ pytree writes two buffers per leaf: the parameter and its ``nu``. Two remedies:
   arithmetic is the per-leaf rule applied to the concatenated vectors, so
   the results are those of ``flat=False``. Read ``nu`` per leaf with
   ``FlatLayout(params, labels).unravel(state.nu)``; the labels are the
-  weight-decay mask (None without one).
+  weight-decay mask (None without one). Each state vector is padded with
+  zeros to a multiple of `STATE_ALIGN` elements, so that it splits evenly
+  over any power-of-two number of devices (`rmsprop_jax.sharding.zero1`);
+  the padding never reaches the params.
 
 * Flat-parameter training: keep the params themselves as one vector per
   group for the whole run (`FlatLayout.ravel` once), give the model a tree
@@ -57,10 +60,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, _placement
 
-__all__ = ["FlatLayout", "flat_transform"]
+__all__ = ["STATE_ALIGN", "FlatLayout", "flat_transform"]
+
+# Flat state vectors are padded to a multiple of this many elements: every
+# power-of-two device count up to 4096 divides them, whatever the model.
+STATE_ALIGN = 4096
 
 
 class FlatLayout:
@@ -76,9 +84,11 @@ class FlatLayout:
       tree: the pytree (params, gradients...).
       labels: None, a pytree of hashable labels with the structure of
         `tree`, or a function from `tree` to one.
+      align: `ravel` pads each vector with zeros to a multiple of this many
+        elements (1: no padding).
     """
 
-    def __init__(self, tree: Any, labels: Any = None):
+    def __init__(self, tree: Any, labels: Any = None, align: int = 1):
         leaves, self.treedef = jax.tree.flatten(tree)
         self.shapes = [tuple(np.shape(x)) for x in leaves]
         self.dtypes = [jnp.dtype(jnp.result_type(x)) for x in leaves]
@@ -106,6 +116,11 @@ class FlatLayout:
                 self.offsets[i] = offset
                 offset += math.prod(self.shapes[i])
             self.sizes[name] = offset
+        self.align = align
+
+    def padded_size(self, name: str) -> int:
+        """The length of group `name`'s vector, padding included."""
+        return -(-self.sizes[name] // self.align) * self.align
 
     def ravel(self, tree: Any) -> dict[str, jax.Array]:
         """The leaves of `tree` (structured like the layout's tree) concatenated per group."""
@@ -114,6 +129,9 @@ class FlatLayout:
         out = {}
         for name, members in self.groups.items():
             parts = [jnp.reshape(leaves[i], (-1,)) for i in members]
+            pad = self.padded_size(name) - self.sizes[name]
+            if pad:
+                parts.append(jnp.zeros(pad, self.dtypes[members[0]]))
             out[name] = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
         return out
 
@@ -124,12 +142,21 @@ class FlatLayout:
         consumers, and under ``jax.grad`` its transpose is a single
         concatenation (slicing leaf by leaf would transpose to one padded
         full-size vector per leaf, summed: quadratic in the leaf count).
+        Elements beyond the group's leaves (padding) are ignored.
         """
         leaves: list[Any] = [None] * len(self.shapes)
         for name, members in self.groups.items():
             sizes = [math.prod(self.shapes[i]) for i in members]
-            pieces = jax.lax.split(flat[name], sizes) if len(members) > 1 else [flat[name]]
-            for i, piece in zip(members, pieces, strict=True):
+            vector = flat[name]
+            pad = vector.shape[0] - self.sizes[name]
+            if pad < 0:
+                raise ValueError(
+                    f"group {name!r} needs {self.sizes[name]} elements, got a vector of {vector.shape[0]}."
+                )
+            if pad:
+                sizes.append(pad)
+            pieces = jax.lax.split(vector, sizes) if len(sizes) > 1 else [vector]
+            for i, piece in zip(members, pieces, strict=False):  # a last piece of padding is dropped
                 leaves[i] = jnp.reshape(piece, self.shapes[i])
         return jax.tree.unflatten(self.treedef, leaves)
 
@@ -163,17 +190,35 @@ def flat_transform(
 
     def layout_for(tree: Any, params: Any) -> FlatLayout:
         if mask is None:
-            return FlatLayout(tree)
+            return FlatLayout(tree, align=STATE_ALIGN)
         labels = mask(params if params is not None else tree) if callable(mask) else mask
-        return FlatLayout(tree, labels=jax.tree.map(bool, labels))
+        return FlatLayout(tree, labels=jax.tree.map(bool, labels), align=STATE_ALIGN)
 
     def inner(layout: FlatLayout) -> optax.GradientTransformation:
         return make(None if mask is None else layout.labels())
 
     def init_fn(params: optax.Params) -> optax.OptState:
         layout = layout_for(params, params)
-        return inner(layout).init(layout.ravel(params))
+        leaves = jax.tree.leaves(params)
+        shardings = [_placement.leaf_sharding(x) for x in leaves]
+        if any(_placement.is_traced(x) for x in leaves) and _placement.explicit_mesh(shardings) is None:
+            # Inside jit on Auto axes: the vectors follow the params by data dependence.
+            return inner(layout).init(layout.ravel(params))
+        vectors = {
+            name: jax.ShapeDtypeStruct(
+                (layout.padded_size(name),),
+                layout.dtypes[members[0]],
+                sharding=vector_sharding(layout.padded_size(name), [shardings[i] for i in members]),
+            )
+            for name, members in layout.groups.items()
+        }
+        if any(_placement.is_traced(x) for x in leaves):
+            vectors = {
+                name: _placement.constrain(jnp.zeros(v.shape, v.dtype), v.sharding) for name, v in vectors.items()
+            }
+        return inner(layout).init(vectors)
 
+    @_placement.on_auto_axes
     def update_fn(
         updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None, **extra: Any
     ) -> tuple[optax.Updates, optax.OptState]:
@@ -184,3 +229,27 @@ def flat_transform(
         return layout.unravel(flat_updates), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def vector_sharding(size: int, member_shardings: list[Any]) -> Any:
+    """The layout of one flat state vector, given the shardings of the leaves it holds.
+
+    The vector is split over every mesh axis that splits any of its leaves
+    (as `rmsprop_jax.sharding.zero1` splits each leaf over the data axis)
+    when those axes divide its length, and is replicated on the mesh
+    otherwise; without a mesh it lives where its first leaf lives.
+    """
+    mesh = _placement.common_mesh(member_shardings)
+    if mesh is None:
+        return next((s for s in member_shardings if s is not None), None)
+    axes: list[str] = []
+    for sharding in member_shardings:
+        if isinstance(sharding, NamedSharding):
+            for entry in sharding.spec:
+                for name in (entry,) if isinstance(entry, str) else tuple(entry or ()):
+                    if name not in axes:
+                        axes.append(name)
+    sizes = dict(mesh.shape)
+    if not axes or size % math.prod(sizes[a] for a in axes):
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, PartitionSpec(tuple(axes) if len(axes) > 1 else axes[0]))

@@ -51,7 +51,9 @@ import jax
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["zero1", "zero1_spec", "zero1_state_shardings"]
+from rmsprop_jax import _checks, _placement, formats
+
+__all__ = ["abstract_state", "zero1", "zero1_spec", "zero1_state_shardings"]
 
 AxisName = str | tuple[str, ...]
 MeshLike = Mesh | jax.sharding.AbstractMesh
@@ -107,17 +109,9 @@ def zero1_spec(shape: Sequence[int], spec: PartitionSpec, axis: AxisName, axis_s
     return PartitionSpec(*entries)
 
 
-def _leaf_sharding(leaf: Any) -> Any:
-    """The sharding a leaf carries: ``.sharding`` of arrays and ShapeDtypeStructs, or None."""
-    try:
-        return leaf.sharding
-    except AttributeError:
-        return None
-
-
 def _named(leaf: Any, mesh: MeshLike | None) -> NamedSharding:
     """A leaf's sharding as a NamedSharding; leaves without one are replicated on `mesh`."""
-    sharding = _leaf_sharding(leaf)
+    sharding = _placement.leaf_sharding(leaf)
     if isinstance(sharding, NamedSharding):
         return sharding
     if sharding is not None and not sharding.is_fully_replicated:
@@ -133,21 +127,35 @@ def _named(leaf: Any, mesh: MeshLike | None) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _axis_size(mesh: MeshLike, axis: AxisName) -> int:
+    sizes = dict(mesh.shape)
+    missing = [name for name in _axis_names(axis) if name not in sizes]
+    if missing:
+        raise ValueError(f"axis {axis!r} is not an axis of the mesh {dict(sizes)}.")
+    return math.prod(sizes[name] for name in _axis_names(axis))
+
+
+def _split(shape: Sequence[int], base: NamedSharding, axis: AxisName) -> NamedSharding:
+    spec = zero1_spec(tuple(shape), base.spec, axis, _axis_size(base.mesh, axis))
+    return NamedSharding(base.mesh, spec, memory_kind=base.memory_kind)
+
+
 def zero1_state_shardings(tree: Any, mesh: MeshLike | None = None, axis: AxisName = "data") -> Any:
     """ZeRO-1 ``NamedSharding`` for every array leaf of `tree`.
 
     Each leaf keeps its current layout and, by the rule of `zero1_spec`, one
     more of its dimensions is split over `axis`: the largest one not sharded
     yet that the axis size divides. Leaves that cannot be split keep their
-    layout; scalars (e.g. the step count) are replicated. The result can be
-    given to ``jax.device_put`` and to ``jax.jit``'s ``in_shardings`` /
+    layout; scalars (e.g. the step count) are replicated. A quantized ``nu``
+    (`rmsprop_jax.formats.QuantizedArray`) is split as a whole: its codes and
+    scales follow the split of the parameter they stand for. The result can
+    be given to ``jax.device_put`` and to ``jax.jit``'s ``in_shardings`` /
     ``out_shardings``.
 
     Args:
       tree: a pytree whose leaves have ``.shape`` and, ideally, a
         ``NamedSharding`` in ``.sharding``: the optimizer state returned by
-        ``tx.init(params)``, ``jax.eval_shape(tx.init, params)`` (with
-        Explicit mesh axes), the params themselves, or
+        ``tx.init(params)``, `abstract_state`, the params themselves, or
         ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` leaves built from
         the params' shardings. Leaves whose sharding is missing or not a
         ``NamedSharding`` count as replicated. None leaves stay None.
@@ -176,31 +184,104 @@ def zero1_state_shardings(tree: Any, mesh: MeshLike | None = None, axis: AxisNam
       >>> state = jax.device_put(state, shardings)
     """
 
-    def one(leaf: Any) -> NamedSharding:
-        base = _named(leaf, mesh)
-        sizes = dict(base.mesh.shape)
-        missing = [name for name in _axis_names(axis) if name not in sizes]
-        if missing:
-            raise ValueError(f"axis {axis!r} is not an axis of the mesh {dict(sizes)}.")
-        axis_size = math.prod(sizes[name] for name in _axis_names(axis))
-        return NamedSharding(base.mesh, zero1_spec(tuple(leaf.shape), base.spec, axis, axis_size))
+    def one(leaf: Any) -> Any:
+        if isinstance(leaf, formats.QuantizedArray):
+            base = _named(leaf.codes, mesh)
+            # The parameter's own layout is that of the codes on the leading axes.
+            param_spec = PartitionSpec(*base.spec[: formats.row_split(leaf.shape, leaf.block_size)])
+            param = NamedSharding(base.mesh, param_spec, memory_kind=base.memory_kind)
+            return formats.Blockwise(leaf.block_size).shardings(leaf.shape, _split(leaf.shape, param, axis))
+        return _split(leaf.shape, _named(leaf, mesh), axis)
 
-    return jax.tree.map(one, tree)
+    return jax.tree.map(one, tree, is_leaf=formats.is_stored_node)
 
 
-def _constrain(tree: Any, shardings: Any) -> Any:
-    """Pins a tree to the given shardings inside (or outside) jit.
+def _explicit_twin(mesh: MeshLike) -> MeshLike:
+    """The mesh with every axis Explicit, so that tracing tracks every sharding in the types."""
+    if all(t == AxisType.Explicit for t in mesh.axis_types):
+        return mesh
+    explicit = (AxisType.Explicit,) * len(mesh.axis_names)
+    if isinstance(mesh, Mesh):
+        return Mesh(mesh.devices, mesh.axis_names, axis_types=explicit)
+    return mesh.update_axis_types(dict.fromkeys(mesh.axis_names, AxisType.Explicit))
 
-    Auto mesh axes use ``with_sharding_constraint``; meshes with Explicit axes
-    carry shardings in the types and need ``jax.sharding.reshard``.
+
+def abstract_state(tx: optax.GradientTransformation, params: Any) -> Any:
+    """The state ``tx.init(params)`` would give, as ``jax.ShapeDtypeStruct`` with concrete shardings.
+
+    Nothing of the state's size is allocated: ``tx.init`` is traced with
+    ``jax.eval_shape`` on a twin of the params' mesh whose axes are all
+    Explicit, where every array carries its sharding in its type, and the
+    shardings found are put back on the params' own mesh. This works for any
+    transform whose ``init`` places its state like the params: those of
+    rmsprop_jax in every state format (`rmsprop_jax.formats`), ``flat=True``,
+    `zero1`-wrapped transforms, optax chains of them and optax's own
+    transforms. Leaves whose sharding init does not fix (scalars) are
+    replicated on the mesh.
+
+    It is the target of a checkpoint restore, e.g. with orbax::
+
+      target = {"params": param_structs, "opt_state": abstract_state(tx, param_structs)}
+      restored = ocp.StandardCheckpointer().restore(path, target)
+
+    with ``param_structs`` the params as ``jax.ShapeDtypeStruct`` with their
+    ``NamedSharding`` on the mesh to restore onto (any process count or mesh
+    shape: the state's shapes do not depend on the topology).
+
+    Args:
+      tx: the optax transformation.
+      params: the params, as arrays or ``jax.ShapeDtypeStruct`` (with or without a sharding).
+
+    Returns:
+      A pytree of ``jax.ShapeDtypeStruct`` with the structure of the state.
+      Without any ``NamedSharding`` among the params their sharding is that
+      of the first param that has one, else the default device.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rmsprop_jax
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> from rmsprop_jax.sharding import abstract_state, zero1
+      >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+      >>> params = {"w": jax.ShapeDtypeStruct((1024, 16), jnp.float32, sharding=NamedSharding(mesh, P()))}
+      >>> tx = zero1(rmsprop_jax.rmsprop(1e-3, momentum=0.9), params, axis="data")
+      >>> target = abstract_state(tx, params)
+      >>> target.momentum["w"].shape, target.momentum["w"].sharding.spec
+      ((1024, 16), P('data', None))
     """
+    leaves, treedef = jax.tree.flatten(params)
+    if any(_placement.is_traced(x) for x in leaves):
+        raise TypeError("abstract_state needs params as arrays or jax.ShapeDtypeStruct, not traced values.")
+    structs = [_placement.to_struct(x) for x in leaves]
+    mesh = _placement.common_mesh([s.sharding for s in structs])
+    if mesh is None:
+        fallback = next((s.sharding for s in structs if s.sharding is not None), None)
+        sharding = fallback or _placement.default_device_sharding()
+        state = jax.eval_shape(tx.init, jax.tree.unflatten(treedef, structs))
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+    twin = _explicit_twin(mesh)
+    twin_structs = [
+        jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_placement.with_mesh_spec(_named(s, mesh), twin))
+        for s in structs
+    ]
+    context = jax.set_mesh(twin) if isinstance(twin, Mesh) else jax.sharding.use_abstract_mesh(twin)
+    with context:
+        state = jax.eval_shape(tx.init, jax.tree.unflatten(treedef, twin_structs))
 
-    def one(x: Any, sharding: NamedSharding) -> Any:
-        if any(t == AxisType.Explicit for t in sharding.mesh.axis_types):
-            return jax.sharding.reshard(x, sharding)
-        return jax.lax.with_sharding_constraint(x, sharding)
+    def on_mesh(x: Any) -> jax.ShapeDtypeStruct:
+        sharding = getattr(x, "sharding", None)
+        spec = sharding.spec if isinstance(sharding, NamedSharding) and not sharding.mesh.empty else PartitionSpec()
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
 
-    return jax.tree.map(one, tree, shardings)
+    return jax.tree.map(on_mesh, state)
+
+
+def _on(mesh: MeshLike, specs: Any) -> Any:
+    """The NamedShardings of a tree of PartitionSpecs on `mesh`."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _specs(shardings: Any) -> Any:
+    return jax.tree.map(lambda sharding: sharding.spec, shardings)
 
 
 def zero1(
@@ -213,24 +294,26 @@ def zero1(
     """Wraps `tx` so that its state is ZeRO-1 sharded over `axis`.
 
     The params keep their own layout (replicated along `axis`, possibly
-    sharded along model axes); every state leaf that has the shape of a
-    parameter is laid out with the `zero1_state_shardings` of that parameter,
+    sharded along model axes); the state is laid out as `tx` lays it out for
+    params split by `zero1_state_shardings` (every state buffer that follows
+    a parameter is split with it, in any state format of
+    `rmsprop_jax.formats`, and ``flat=True`` vectors are split whole), and
     every other state leaf (counts) is replicated. Inside ``update`` the
-    gradients and params are sliced to the same layout (a local slice, no
+    gradients and params are sliced to the split layout (a local slice, no
     communication), the wrapped update runs on the local shard only, and the
     updates come back in the params' layout (one all-gather per split
     parameter). Nothing else changes: the values are those of `tx` (see the
-    module docstring for the one rounding caveat).
+    module docstring for the rounding caveats).
 
-    Works eagerly and under ``jax.jit``, with Auto or Explicit mesh axes. The
-    wrapped `tx` must build its state from the params tree in the way of
-    optax's transforms (``optax.tree_map_params`` is used to find the leaves
-    that follow the params).
+    Works eagerly and under ``jax.jit``, with Auto or Explicit mesh axes, with
+    or without ``jax.set_mesh``; ``init`` takes arrays, host (NumPy) arrays or
+    ``jax.ShapeDtypeStruct`` and builds the state directly in its split
+    layout (`abstract_state` gives that layout without allocating it).
 
     Args:
       tx: the optax transformation to wrap, e.g. ``rmsprop_jax.rmsprop(...)``.
-      params: the params (arrays or ``jax.ShapeDtypeStruct`` with a
-        ``NamedSharding``), only their shapes and shardings are read.
+      params: the params (arrays, host arrays or ``jax.ShapeDtypeStruct``);
+        only their shapes, dtypes and shardings are read.
       axis: the data-parallel mesh axis (or tuple of axes).
       mesh: the mesh for params that carry no ``NamedSharding``.
 
@@ -258,35 +341,57 @@ def zero1(
       >>> state.momentum["w"].sharding.spec  # the state stays split
       P('data', None)
     """
+    leaves, treedef = jax.tree.flatten(params)
+    structs = [_placement.to_struct(x) for x in leaves]
     if mesh is None:
-        named = [leaf.sharding for leaf in jax.tree.leaves(params) if isinstance(_leaf_sharding(leaf), NamedSharding)]
-        if not named:
+        mesh = _placement.common_mesh([s.sharding for s in structs])
+        if mesh is None:
             raise ValueError("zero1 needs params placed with a NamedSharding, or mesh=.")
-        mesh = named[0].mesh
-    replicated = NamedSharding(mesh, PartitionSpec())
-    param_shardings = jax.tree.map(lambda p: _named(p, mesh), params)
-    split_shardings = zero1_state_shardings(params, mesh, axis)
-    abstract_state = jax.eval_shape(tx.init, params)
-
-    state_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_state, split_shardings, transform_non_params=lambda _: replicated
+    param_shardings = [_named(s, mesh) for s in structs]
+    split_shardings = [_split(s.shape, sh, axis) for s, sh in zip(structs, param_shardings, strict=True)]
+    split_structs = [
+        jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh) for s, sh in zip(structs, split_shardings, strict=True)
+    ]
+    param_specs = jax.tree.unflatten(treedef, [sh.spec for sh in param_shardings])
+    split_specs = jax.tree.unflatten(treedef, [sh.spec for sh in split_shardings])
+    state_specs = _specs(
+        jax.tree.map(lambda x: x.sharding, abstract_state(tx, jax.tree.unflatten(treedef, split_structs)))
     )
 
-    @jax.jit
+    def mesh_of(tree: Any) -> MeshLike:
+        """The mesh as the inputs see it: abstract inside jit on Explicit axes, concrete otherwise."""
+        found = _placement.explicit_mesh_of(tree)
+        return mesh if found is None else found
+
     def init_fn(params: optax.Params) -> optax.OptState:
-        return _constrain(tx.init(params), state_shardings)
+        if any(_placement.is_traced(x) for x in jax.tree.leaves(params)):
+            on = mesh_of(params)
+            state = tx.init(_placement.constrain_tree(params, _on(on, split_specs)))
+            return _placement.constrain_tree(state, _on(on, state_specs))
+
+        def build() -> optax.OptState:
+            zeros = [
+                _placement.constrain(jax.numpy.zeros(s.shape, s.dtype), sh)
+                for s, sh in zip(split_structs, split_shardings, strict=True)
+            ]
+            return init_fn(jax.tree.unflatten(treedef, zeros))
+
+        _checks.check_same_structure(treedef, jax.tree.structure(params), "params given to zero1", "params")
+        return jax.jit(build, out_shardings=_on(mesh, state_specs))()
 
     def update_fn(
         updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None, **extra_args: Any
     ) -> tuple[optax.Updates, optax.OptState]:
-        updates = _constrain(updates, split_shardings)
+        on = mesh_of((updates, state, params))
+        updates = _placement.constrain_tree(updates, _on(on, split_specs))
         if params is not None:
-            params = _constrain(params, split_shardings)
-        state = _constrain(state, state_shardings)
+            params = _placement.constrain_tree(params, _on(on, split_specs))
+        state = _placement.constrain_tree(state, _on(on, state_specs))
         if isinstance(tx, optax.GradientTransformationExtraArgs):
             new_updates, new_state = tx.update(updates, state, params, **extra_args)
         else:
             new_updates, new_state = tx.update(updates, state, params)
-        return _constrain(new_updates, param_shardings), _constrain(new_state, state_shardings)
+        new_updates = _placement.constrain_tree(new_updates, _on(on, param_specs))
+        return new_updates, _placement.constrain_tree(new_state, _on(on, state_specs))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _checks, lowmem
+from rmsprop_jax import _checks, _placement, _random, formats
 from rmsprop_jax._guard import skip_if_nonfinite
 from rmsprop_jax.flat import flat_transform
 
@@ -41,28 +41,6 @@ class ScaleByRmsState(NamedTuple):
     skipped: jax.Array | None = None
 
 
-def state_dtypes(
-    param_dtype: Any, nu_dtype: jnp.dtype | None, split_complex: bool = False
-) -> tuple[jnp.dtype, jnp.dtype]:
-    """The dtypes of (nu, mu and momentum) for one leaf.
-
-    By default the state follows the params, except that half-precision params
-    get float32 state: in bfloat16 ``0.999 * v`` rounds back to ``v`` and the
-    average would never forget. Complex params keep a real ``nu`` (it holds
-    |g|^2) and complex ``mu``/momentum; with `split_complex`, ``nu`` is complex
-    too, holding the average of re(g)^2 in its real part and of im(g)^2 in
-    its imaginary part.
-    """
-    param_dtype = jnp.dtype(param_dtype)
-    real = jnp.finfo(param_dtype).dtype
-    if nu_dtype is None:
-        nu_dtype = jnp.dtype(jnp.float32) if real.itemsize < 4 else real
-    if jnp.issubdtype(param_dtype, jnp.complexfloating):
-        complex_dtype = jnp.result_type(nu_dtype, jnp.complex64)
-        return (complex_dtype if split_complex else nu_dtype), complex_dtype
-    return nu_dtype, nu_dtype
-
-
 def compute_dtype(*dtypes: Any) -> jnp.dtype:
     """At least float32, and wide enough for every dtype given (complex stays complex)."""
     return jnp.result_type(jnp.float32, *dtypes)
@@ -72,54 +50,55 @@ def _real(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.finfo(dtype).dtype
 
 
-def filled_like(p: jax.Array, value: Any, dtype: jnp.dtype) -> jax.Array:
-    """An array of `value` shaped like `p` that is placed (sharded) like `p`.
-
-    A broadcast constant carries no placement, so under ``jax.jit`` sharding
-    propagation would leave it on one device or replicate it. Deriving it from
-    `p` makes every element depend on the matching element of `p`, so the
-    state lands exactly where its parameter is; the select keeps the result
-    exact when `p` holds inf or NaN (where ``p * 0`` is NaN).
-    """
-    p = jnp.asarray(p)
-    # |p| * 0 is +0.0 (p * 0 would be -0.0 for negative p) and real also for complex p.
-    zero = jnp.where(jnp.isfinite(p), jnp.abs(p) * 0, 0)
-    return zero.astype(dtype) + jnp.asarray(value, dtype)
+def _initial_nu_value(initial_scale: Any, fmt: formats.Format) -> Any:
+    """A split complex nu starts at initial_scale in both components."""
+    if isinstance(fmt, formats.Dense) and jnp.issubdtype(fmt.dtype, jnp.complexfloating):
+        return initial_scale * (1 + 1j)
+    return initial_scale
 
 
 def init_moments(
     params: optax.Params,
     initial_scale: Any,
     centered: bool,
-    nu_dtype: jnp.dtype | None,
-    split_complex: bool,
+    storage: formats.Storage,
     momentum: bool = False,
-    codec: lowmem.StateCodec | None = None,
 ) -> tuple[optax.Updates, optax.Updates | None, optax.Updates | None]:
     """Builds ``nu`` (filled with `initial_scale`) and zero ``mu`` / momentum buffers when used."""
     leaves, treedef = jax.tree.flatten(params)
-    _checks.check_inexact(leaves, "params")
-    dtypes = [state_dtypes(jnp.result_type(p), nu_dtype, split_complex) for p in leaves]
-    # A split complex nu starts at initial_scale in both components.
-    nu = [
-        filled_like(p, initial_scale * (1 + 1j) if jnp.issubdtype(d_nu, jnp.complexfloating) else initial_scale, d_nu)
-        for p, (d_nu, _) in zip(leaves, dtypes, strict=True)
-    ]
-    if codec is not None:  # 8-bit nu for leaves of at least one block
-        nu = [codec.init_nu(p, initial_scale, d, x) for p, (d, _), x in zip(leaves, dtypes, nu, strict=True)]
+    fmts = [storage.formats(p.shape, p.dtype) for p in leaves]
+    nu = [nu_fmt.init(p, _initial_nu_value(initial_scale, nu_fmt)) for p, (nu_fmt, _) in zip(leaves, fmts, strict=True)]
 
     def zeros() -> optax.Updates:
-        return jax.tree.unflatten(treedef, [filled_like(p, 0, d) for p, (_, d) in zip(leaves, dtypes, strict=True)])
+        return jax.tree.unflatten(treedef, [f.init(p, 0) for p, (_, f) in zip(leaves, fmts, strict=True)])
 
     return jax.tree.unflatten(treedef, nu), zeros() if centered else None, zeros() if momentum else None
 
 
+def moment_shardings(
+    leaves: list[Any],
+    shardings: list[Any],
+    treedef: jax.tree_util.PyTreeDef,
+    centered: bool,
+    storage: formats.Storage,
+    momentum: bool = False,
+) -> tuple[Any, Any, Any]:
+    """The shardings of (nu, mu, momentum) for params `leaves` placed as `shardings` (`init_moments`' layout)."""
+    fmts = [storage.formats(p.shape, p.dtype) for p in leaves]
+    nu = [f.shardings(p.shape, s) for p, s, (f, _) in zip(leaves, shardings, fmts, strict=True)]
+
+    def like_params() -> Any:
+        return jax.tree.unflatten(treedef, list(shardings))
+
+    return jax.tree.unflatten(treedef, nu), like_params() if centered else None, like_params() if momentum else None
+
+
 def flatten_like_state(
     updates: optax.Updates, nu: optax.Updates, mu: optax.Updates | None
-) -> tuple[jax.tree_util.PyTreeDef, list[jax.Array], list[jax.Array], list[Any]]:
+) -> tuple[jax.tree_util.PyTreeDef, list[jax.Array], list[Any], list[Any]]:
     """Flattens the incoming updates and the moments, checking that they line up."""
     g, treedef = jax.tree.flatten(updates)
-    nu_leaves, nu_treedef = jax.tree.flatten(nu, is_leaf=lowmem.is_quantized)  # an 8-bit leaf is one leaf
+    nu_leaves, nu_treedef = jax.tree.flatten(nu, is_leaf=formats.is_stored_node)  # a stored node is one leaf
     _checks.check_same_structure(nu_treedef, treedef, "optimizer state (nu)", "updates")
     _checks.check_inexact(g, "gradients")
     mu_leaves = [None] * len(g) if mu is None else jax.tree.leaves(mu)
@@ -135,39 +114,77 @@ def flatten_params(params: optax.Params | None, treedef: jax.tree_util.PyTreeDef
     return leaves
 
 
+def lerp(start: jax.Array, end: jax.Array, weight: Any) -> jax.Array:
+    """``start + weight * (end - start)``, exact at both ends (PyTorch's ``lerp``).
+
+    For weights of at least 1/2 the form ``end - (end - start) * (1 - weight)``
+    is used, so weight 1 gives `end` exactly (``m + 1 * (g - m)`` is not `g` in
+    floating point) while weight 0 gives `start`; with a traced weight the
+    branch is chosen per call.
+    """
+    weight = jnp.asarray(weight, _real(start.dtype))
+    low = start + weight * (end - start)
+    high = end - (end - start) * (1 - weight)
+    value = _checks.concrete_float(weight)
+    if value is not None:
+        return low if value < 0.5 else high
+    return jnp.where(weight < 0.5, low, high)
+
+
 def rms_scale_leaf(
     g: jax.Array,
-    nu: jax.Array,
+    nu: Any,
     mu: jax.Array | None,
     count: jax.Array,
     decay: Any,
     eps: Any,
     *,
+    leaf: int,
+    storage: formats.Storage,
     eps_in_sqrt: bool,
     centered: bool,
     bias_correction: bool,
     guard_zero: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    numerator: Any = None,
+) -> tuple[jax.Array, Any, jax.Array | None]:
     """One leaf of the RMS step, in at least float32.
 
     Args:
       g: the incoming update (already cast to the compute dtype).
       nu, mu: this leaf's moments as stored. A complex ``nu`` means the real
         and imaginary parts are treated as independent reals.
-      count: the 1-based step number t (used for bias correction).
+      count: the 1-based step number t (used for bias correction and the
+        random bits of stochastic rounding).
+      leaf: the leaf's index (for the random bits).
+      storage: the state formats.
       guard_zero: define 0/0 as 0, needed when eps may be zero.
+      numerator: None, or a scalar c: return ``(c * g) / denominator`` instead
+        of ``g / denominator``. Folding a learning rate into the numerator
+        makes the division the last operation, so that no compiler can fuse
+        the product into a later ``params + updates`` (an FMA there rounds
+        once instead of twice, and whether XLA forms it depends on the whole
+        program: sharded and unsharded steps would differ in the last bit).
 
     Returns:
-      ``(s, nu_new, mu_new)``: ``s = g / denominator`` in the compute dtype and
-      the new moments in their storage dtypes.
+      ``(s, nu_new, mu_new)``: ``s`` in the compute dtype and the new moments
+      in their storage formats.
     """
-    kwargs = dict(eps_in_sqrt=eps_in_sqrt, centered=centered, bias_correction=bias_correction, guard_zero=guard_zero)
-    if jnp.iscomplexobj(nu):
+    kwargs = dict(
+        leaf=leaf,
+        storage=storage,
+        eps_in_sqrt=eps_in_sqrt,
+        centered=centered,
+        bias_correction=bias_correction,
+        guard_zero=guard_zero,
+        numerator=numerator,
+    )
+    if not formats.is_stored_node(nu) and jnp.iscomplexobj(nu):
         # Split complex: run the real rule on (re, im) pairs and pack back.
         s, nu_pairs, mu_pairs = rms_scale_leaf(
             _as_pairs(g), _as_pairs(nu), None if mu is None else _as_pairs(mu), count, decay, eps, **kwargs
         )
         return _from_pairs(s), _from_pairs(nu_pairs).astype(nu.dtype), _from_pairs_or_none(mu_pairs, mu)
+    nu_fmt, signed_fmt = storage.stored_formats(nu, mu)
     real = _real(g.dtype)
     # For a Python number the complement 1 - decay is taken exactly and then
     # rounded (as optax, PyTorch and Keras 3 do): float32(1 - 0.999) is 0.001,
@@ -178,34 +195,34 @@ def rms_scale_leaf(
     eps = jnp.asarray(eps, real)
     # |g|^2 for complex g: one real magnitude per element (stored real).
     squared = (jnp.conj(g) * g).real if jnp.iscomplexobj(g) else g * g
-    nu_new = decay * nu.astype(real) + complement * squared
-    v_hat = nu_new
+    v_new, nu_out = nu_fmt.average(nu, squared, decay, complement, _random.step_key(count, leaf, _random.NU))
+    v_hat = v_new
     # Multiplying by the reciprocal, rather than dividing, is written out because
     # XLA makes that rewrite in some programs and not others (e.g. sharded vs
     # single-device); spelling it out keeps every program bitwise identical.
     correction = 1 / (1 - decay ** count.astype(real)) if bias_correction else None
     if correction is not None:
-        v_hat = nu_new * correction
-    mu_new = None
+        v_hat = v_new * correction
+    mu_out = None
     if centered:
-        assert mu is not None
-        # The interpolation form m + (1 - decay)(g - m) (PyTorch's lerp, TF's kernels)
-        # keeps the average of a constant gradient exactly constant.
-        mu_old = mu.astype(g.dtype)
-        mu_new = mu_old + complement * (g - mu_old)
+        assert mu is not None and signed_fmt is not None
+        # The interpolation form (PyTorch's lerp, TF's kernels) keeps the average of a
+        # constant gradient exactly constant, and is exact at decay 0.
+        mu_new = lerp(signed_fmt.load(mu, g.dtype), g, complement)
         m_hat = mu_new if correction is None else mu_new * correction
         m_squared = (jnp.conj(m_hat) * m_hat).real if jnp.iscomplexobj(m_hat) else m_hat * m_hat
         # Rounding can make v - m^2 slightly negative (constant gradients do it
         # in float32 within ~1000 steps); the clamp keeps sqrt away from NaN.
         v_hat = jnp.maximum(v_hat - m_squared, 0)
-    denominator = jnp.sqrt(v_hat + eps) if eps_in_sqrt else jnp.sqrt(v_hat) + eps
-    s = g / denominator
+        mu_out = signed_fmt.store(mu_new, mu, _random.step_key(count, leaf, _random.MU))
+    # With eps in the root, XLA would rewrite x / sqrt(y) as x * rsqrt(y), and a product can
+    # fuse with a later ``params + updates`` into one FMA in some programs and not others;
+    # the max (an identity here, NaN included) keeps the division.
+    denominator = jnp.maximum(jnp.sqrt(v_hat + eps), 0) if eps_in_sqrt else jnp.sqrt(v_hat) + eps
+    s = (g if numerator is None else jnp.asarray(numerator, real) * g) / denominator
     if guard_zero:
         s = jnp.where(g == 0, jnp.zeros_like(s), s)
-    nu_new = nu_new.astype(nu.dtype)
-    if mu_new is not None and mu is not None:
-        mu_new = mu_new.astype(mu.dtype)
-    return s, nu_new, mu_new
+    return s, nu_out, mu_out
 
 
 def _as_pairs(x: jax.Array) -> jax.Array:
@@ -327,17 +344,27 @@ def scale_by_rms(
         del options["flat"]
         return flat_transform(lambda _: scale_by_rms(**options))
     state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
-    codec = lowmem.make_codec(state_dtype, state_bits, block_size, stochastic_rounding)
+    storage = formats.make_storage(state_dtype, split_complex, state_bits, block_size, stochastic_rounding)
     guard_zero = needs_zero_guard(eps)
 
-    # One compiled computation: the state inherits the params' shardings and the
-    # count is replicated on their mesh, whether init is called eagerly or jitted.
-    @jax.jit
-    def init_fn(params: optax.Params) -> ScaleByRmsState:
-        nu, mu, _ = init_moments(params, initial_scale, centered, state_dtype, split_complex, codec=codec)
+    def build(params: optax.Params) -> ScaleByRmsState:
+        nu, mu, _ = init_moments(params, initial_scale, centered, storage)
         skipped = jnp.zeros([], jnp.int32) if skip_nonfinite else None
         return ScaleByRmsState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu, skipped=skipped)
 
+    def shardings_for(
+        treedef: jax.tree_util.PyTreeDef, leaves: list[Any], shardings: list[Any], scalar: Any
+    ) -> ScaleByRmsState:
+        nu, mu, _ = moment_shardings(leaves, shardings, treedef, centered, storage)
+        return ScaleByRmsState(count=scalar, nu=nu, mu=mu, skipped=scalar if skip_nonfinite else None)
+
+    def init_fn(params: optax.Params) -> ScaleByRmsState:
+        # The state lands where its parameters are, whether init is called eagerly, under
+        # jax.jit or jax.eval_shape, with arrays or ShapeDtypeStructs (see _placement.initialize).
+        _checks.check_inexact(jax.tree.leaves(params), "params")
+        return _placement.initialize(build, shardings_for, params)
+
+    @_placement.on_auto_axes
     def update_fn(
         updates: optax.Updates, state: ScaleByRmsState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, ScaleByRmsState]:
@@ -346,14 +373,16 @@ def scale_by_rms(
         count = optax.safe_increment(state.count)
         out, nu_out, mu_out = [], [], []
         for i, (g, nu, mu) in enumerate(zip(g_leaves, nu_leaves, mu_leaves, strict=True)):
-            cdtype = compute_dtype(g.dtype, lowmem.dtype_of(nu))
-            s, nu_new, mu_new = (rms_scale_leaf if codec is None else codec.leaf_fn(i))(
+            cdtype = compute_dtype(g.dtype, formats.value_dtype(nu))
+            s, nu_new, mu_new = rms_scale_leaf(
                 g.astype(cdtype),
                 nu,
                 mu,
                 count,
                 decay,
                 eps,
+                leaf=i,
+                storage=storage,
                 eps_in_sqrt=eps_in_sqrt,
                 centered=centered,
                 bias_correction=bias_correction,

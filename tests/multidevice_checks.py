@@ -12,6 +12,8 @@ same data, from the params' own shardings, and from arithmetic on shapes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
 import sys
@@ -27,7 +29,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rmsprop_jax
-from rmsprop_jax.sharding import zero1, zero1_state_shardings
+import rmsprop_jax.diagnostics
+import rmsprop_jax.lowmem
+from rmsprop_jax.sharding import abstract_state, zero1, zero1_state_shardings
 
 RESULT_MARKER = "MULTIDEVICE-RESULTS "
 N_DEVICES = 8
@@ -534,6 +538,296 @@ def zero1_step_collectives_are_the_documented_ones() -> None:
             assert others and all("all-reduce(" in line for line in others), found
         else:
             assert not others, found
+
+
+# --------------------------------------------------------------------------- abstract params and abstract_state
+
+
+AXIS_TYPES = ("Auto", "Explicit")
+FORMATS: dict[str, dict[str, Any]] = {
+    "float32": {},
+    "bfloat16": dict(nu_dtype=jnp.bfloat16),
+    "8bit": dict(state_bits=8),
+    "flat": dict(flat=True),
+    "flat_8bit": dict(flat=True, state_bits=8),
+}
+
+
+def big_host_params() -> dict[str, np.ndarray]:
+    """One leaf large enough to be quantized (>= 4096 elements), plus small ones; every dim divides by 8."""
+    rng = np.random.default_rng(3)
+    return {
+        "w": rng.integers(-3, 4, (128, 64)).astype(np.float32),
+        "b": rng.integers(-3, 4, 64).astype(np.float32),
+        "s": np.float32(0.5),
+    }
+
+
+def int_grads(n: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(4)
+    shapes = {k: np.shape(v) for k, v in big_host_params().items()}
+    return [{k: rng.integers(-3, 4, s).astype(np.float32) for k, s in shapes.items()} for _ in range(n)]
+
+
+def structs(params: Any) -> Any:
+    return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params)
+
+
+def assert_same_layout(got: Any, want: Any, what: str) -> None:
+    """Same tree, shapes, dtypes and equivalent shardings (arrays or ShapeDtypeStructs)."""
+    got_leaves, got_def = jax.tree.flatten(got)
+    want_leaves, want_def = jax.tree.flatten(want)
+    assert got_def == want_def, f"{what}: tree {got_def} != {want_def}"
+    for i, (a, b) in enumerate(zip(got_leaves, want_leaves, strict=True)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), f"{what}: leaf {i} {a.shape}{a.dtype} != {b.shape}{b.dtype}"
+        if not a.shape and not isinstance(b.sharding, NamedSharding):
+            continue  # a scalar that init left uncommitted (optax's counts): any placement is right
+        assert a.sharding.is_equivalent_to(b.sharding, len(a.shape)), f"{what}: leaf {i} {a.sharding} != {b.sharding}"
+
+
+def transforms(params: Any) -> dict[str, optax.GradientTransformation]:
+    """Every kind of transform whose state follows the params."""
+    out: dict[str, optax.GradientTransformation] = {
+        f"rmsprop[{name}]": rmsprop_jax.rmsprop(0.1, momentum=0.9, centered=True, **kw) for name, kw in FORMATS.items()
+    }
+    out["scale_by_rms"] = rmsprop_jax.scale_by_rms(centered=True, initial_scale=1.0)
+    out["chain"] = optax.chain(optax.clip_by_global_norm(1.0), rmsprop_jax.rmsprop(0.1, state_bits=8))
+    out["optax.adam"] = optax.adam(0.1)
+    out["multisteps"] = optax.MultiSteps(rmsprop_jax.rmsprop(0.1, momentum=0.9), every_k_schedule=2)
+    for name in ("float32", "8bit", "flat", "flat_8bit"):
+        out[f"zero1[{name}]"] = zero1(rmsprop_jax.rmsprop(0.1, momentum=0.9, **FORMATS[name]), params)
+    return out
+
+
+@check
+def init_accepts_shape_dtype_structs() -> None:
+    """ShapeDtypeStruct params, with or without a sharding: concrete state, placed by the struct."""
+    failures = []
+    for axis in AXIS_TYPES:
+        mesh = mesh_of((4, 2), ("data", "model"), getattr(AxisType, axis))
+        params = jax.device_put(
+            big_host_params(),
+            {
+                "w": NamedSharding(mesh, P("data", "model")),
+                "b": NamedSharding(mesh, P("model")),
+                "s": NamedSharding(mesh, P()),
+            },
+        )
+        for name, tx in transforms(params).items():
+            for traced in (False, True):
+                # Traced: init called inside a jitted function that builds the structs itself.
+                if traced and name in ("optax.adam", "multisteps"):
+                    continue  # optax's own inits do not place state built under a trace
+                init = (lambda s, tx=tx: jax.jit(lambda: tx.init(s))()) if traced else tx.init
+                try:
+                    want = tx.init(params)
+                    got = init(structs(params))
+                    assert_same_layout(got, want, "sharded structs")
+                    assert_bitwise(got, want, "values")
+                    if not name.startswith("zero1"):
+                        bare = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+                        local = init(bare)
+                        assert_bitwise(local, tx.init(jax.tree.map(np.asarray, params)), "bare structs")
+                        for leaf in jax.tree.leaves(local):
+                            assert leaf.sharding.device_set == {jax.devices()[0]}, leaf.sharding
+                except Exception as error:
+                    failures.append(f"{axis} traced={traced} {name}: {type(error).__name__}: {error}")
+    assert not failures, "\n".join(failures)
+
+
+@check
+def init_state_values_from_structs() -> None:
+    """nu starts at initial_scale, every other moment at zero."""
+    mesh = mesh_of((N_DEVICES,), ("data",))
+    params = structs(jax.device_put(big_host_params(), NamedSharding(mesh, P())))
+    for name, kw in FORMATS.items():
+        tx = rmsprop_jax.rmsprop(0.1, centered=True, momentum=0.9, initial_scale=0.25, **kw)
+        state = tx.init(params)
+        nu = rmsprop_jax.lowmem.nu_values(state.nu)
+        for leaf in jax.tree.leaves(nu):
+            assert np.all(np.asarray(leaf, np.float32) == 0.25), (name, np.unique(np.asarray(leaf)))
+        for moment in (state.mu, state.momentum):
+            for leaf in jax.tree.leaves(moment):
+                assert not np.any(np.asarray(leaf)), name
+
+
+@check
+def abstract_state_matches_init() -> None:
+    failures = []
+    for axis in AXIS_TYPES:
+        mesh = mesh_of((4, 2), ("data", "model"), getattr(AxisType, axis))
+        shardings = {
+            "w": NamedSharding(mesh, P(None, "model")),
+            "b": NamedSharding(mesh, P()),
+            "s": NamedSharding(mesh, P()),
+        }
+        params = jax.device_put(big_host_params(), shardings)
+        for name, tx in transforms(params).items():
+            for given in ("arrays", "structs"):
+                try:
+                    got = abstract_state(tx, params if given == "arrays" else structs(params))
+                    for leaf in jax.tree.leaves(got):
+                        assert isinstance(leaf, jax.ShapeDtypeStruct), type(leaf)
+                        assert isinstance(leaf.sharding, NamedSharding), leaf.sharding
+                        assert leaf.sharding.mesh.devices.tolist() == mesh.devices.tolist(), leaf.sharding
+                    assert_same_layout(got, tx.init(params), name)
+                except Exception as error:
+                    failures.append(f"{axis} {name} from {given}: {type(error).__name__}: {error}")
+    assert not failures, "\n".join(failures)
+
+
+# --------------------------------------------------------------------------- Explicit/Auto x set_mesh x eager/jit
+
+
+def mesh_context(mesh: jax.sharding.Mesh, with_mesh: bool) -> Any:
+    return jax.set_mesh(mesh) if with_mesh else contextlib.nullcontext()
+
+
+@check
+def zero1_and_diagnostics_in_every_mode() -> None:
+    """zero1 from host arrays, its updates and the diagnostics, in every mode, equal the unsharded values."""
+    host = big_host_params()
+    grads = int_grads(2)
+    make = lambda: rmsprop_jax.rmsprop(0.1, momentum=0.9, centered=True)  # noqa: E731
+    plain = make()
+    wants = {}
+    for jit in (False, True):
+        update = jax.jit(plain.update) if jit else plain.update
+        want_state = plain.init(host)
+        for g in grads:
+            want_updates, want_state = update(g, want_state, host)
+        wants[jit] = (want_updates, want_state)
+    summary = functools.partial(rmsprop_jax.diagnostics.summary, learning_rate=0.1)
+    want_summary = summary(want_state)
+    want_lr = rmsprop_jax.diagnostics.effective_learning_rate(want_state, 0.1)
+    failures = []
+    for axis in AXIS_TYPES:
+        mesh = mesh_of((N_DEVICES,), ("data",), getattr(AxisType, axis))
+        for with_mesh in (False, True):
+            for jit in (False, True):
+                where = f"{axis} set_mesh={with_mesh} jit={jit}"
+                try:
+                    with mesh_context(mesh, with_mesh):
+                        tx = zero1(make(), host, mesh=mesh)
+                        state = tx.init(host)
+                        assert_spec(state.nu["w"], P("data", None))
+                        params = jax.device_put(host, NamedSharding(mesh, P()))
+                        update = jax.jit(tx.update) if jit else tx.update
+                        for g in grads:
+                            updates, state = update(jax.device_put(g, NamedSharding(mesh, P())), state, params)
+                        assert_spec(state.nu["w"], P("data", None))
+                        assert updates["w"].sharding.is_fully_replicated
+                        summarize = jax.jit(summary) if jit else summary
+                        rates = (
+                            jax.jit(rmsprop_jax.diagnostics.effective_learning_rate)
+                            if jit
+                            else rmsprop_jax.diagnostics.effective_learning_rate
+                        )
+                        got_summary = summarize(state)
+                        got_lr = rates(state, 0.1)
+                    assert_bitwise((updates, state), wants[jit], "update")
+                    assert got_summary.keys() == want_summary.keys()
+                    for key, value in want_summary.items():
+                        np.testing.assert_allclose(
+                            np.asarray(got_summary[key]), np.asarray(value), rtol=1e-6, err_msg=key
+                        )
+                    for a, b in zip(jax.tree.leaves(got_lr), jax.tree.leaves(want_lr), strict=True):
+                        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+                except Exception as error:
+                    failures.append(f"{where}: {type(error).__name__}: {error}")
+    assert not failures, "\n".join(failures)
+
+
+# --------------------------------------------------------------------------- zero1 of every state format
+
+
+def stepped(tx: optax.GradientTransformation, params: Any, put: Callable[[Any], Any]) -> tuple[Any, Any]:
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p: Any, s: Any, g: Any) -> tuple[Any, Any]:
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    for g in int_grads(N_STEPS):
+        params, state = step(params, state, put(g))
+    return params, state
+
+
+@check
+def zero1_of_every_format_splits_and_matches() -> None:
+    failures = []
+    for name, kw in FORMATS.items():
+        for axis in AXIS_TYPES:
+            try:
+                make = lambda: rmsprop_jax.rmsprop(0.1, momentum=0.9, centered=True, **kw)  # noqa: E731, B023
+                device = jax.devices()[0]
+                want = stepped(
+                    make(), jax.device_put(big_host_params(), device), functools.partial(jax.device_put, device=device)
+                )
+                mesh = mesh_of((N_DEVICES,), ("data",), getattr(AxisType, axis))
+                replicated = NamedSharding(mesh, P())
+                params = jax.device_put(big_host_params(), replicated)
+                tx = zero1(make(), params)
+                got = stepped(tx, params, functools.partial(jax.device_put, device=replicated))
+                if name == "bfloat16":
+                    # Not bitwise: XLA contracts the float32 arithmetic around the bfloat16
+                    # loads into FMAs differently in the two programs (last-bit differences,
+                    # which stochastic rounding can turn into one bfloat16 ulp of the state).
+                    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                        rtol = 1e-2 if a.dtype == jnp.bfloat16 else 1e-5
+                        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol)
+                else:
+                    assert_bitwise(got, want, "zero1 vs unsharded")
+                moments = [getattr(got[1], m) for m in ("nu", "mu", "momentum")]
+                # The flat vectors are split whole; otherwise the big leaf is.
+                big = moments if name.startswith("flat") else [m["w"] for m in moments]
+                total = rmsprop_jax.lowmem.state_bytes(big)
+                per_device = shard_bytes(big)
+                assert per_device * N_DEVICES == total, (per_device, total)
+            except Exception as error:
+                failures.append(f"{name} {axis}: {type(error).__name__}: {error}")
+    assert not failures, "\n".join(failures)
+
+
+# --------------------------------------------------------------------------- bitwise zero1, default flags
+
+BITWISE_CONFIGS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "centered": dict(centered=True),
+    "bias_correction": dict(bias_correction=True),
+    "eps_in_sqrt": dict(eps_in_sqrt=True),
+    "momentum": dict(momentum=0.9),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "8bit": dict(state_bits=8),
+    "8bit_centered_momentum": dict(state_bits=8, centered=True, momentum=0.9),
+}
+
+
+@check
+def zero1_bitwise_for_every_listed_variant() -> None:
+    """With XLA's default flags (FMA on where the CPU has it), on integer data."""
+    device = jax.devices()[0]
+    failures = []
+    for name, kw in BITWISE_CONFIGS.items():
+        want = stepped(rmsprop_jax.rmsprop(0.05, **kw), jax.device_put(big_host_params(), device), lambda g: g)
+        assert_moved(big_host_params(), want[0])
+        for axis in AXIS_TYPES:
+            mesh = mesh_of((N_DEVICES,), ("data",), getattr(AxisType, axis))
+            replicated = NamedSharding(mesh, P())
+            for with_mesh in (False, True):
+                try:
+                    with mesh_context(mesh, with_mesh):
+                        params = jax.device_put(big_host_params(), replicated)
+                        got = stepped(
+                            zero1(rmsprop_jax.rmsprop(0.05, **kw), params),
+                            params,
+                            functools.partial(jax.device_put, device=replicated),
+                        )
+                    assert_bitwise(got, want, name)
+                except Exception as error:
+                    failures.append(f"{name} {axis} set_mesh={with_mesh}: {error}")
+    assert not failures, "\n".join(failures)
 
 
 # --------------------------------------------------------------------------- main

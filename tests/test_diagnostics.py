@@ -231,6 +231,25 @@ def test_errors():
         diagnostics.summary(coded)
 
 
+def test_quantized_nu_is_decoded_by_its_code_map():
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.zeros((16, 512)), "b": jnp.zeros(3)}
+    grads = {"w": jnp.asarray(rng.normal(size=(16, 512)), jnp.float32), "b": jnp.ones(3)}
+    tx = rmsprop_jax.rmsprop(0.1, decay=0.9, state_bits=8)
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(grads, state, params)
+    q = state.nu["w"]
+    # Code c of a block with scale s stands for s * (c / 255)^4; blocks of 256 along each row.
+    codes = np.asarray(q.codes, np.float64).reshape(16, 2, 256)
+    v = (np.asarray(q.scale, np.float64)[:, :, None] * (codes / 255) ** 4).reshape(16, 512)
+    lr = diagnostics.effective_learning_rate(state, learning_rate=0.1)
+    np.testing.assert_allclose(np.asarray(lr["w"], np.float64), 0.1 / (np.sqrt(v) + 1e-8), rtol=1e-6)
+    logs = diagnostics.summary(state, learning_rate=0.1)
+    np.testing.assert_allclose(float(logs["lr_max/w"]), np.max(0.1 / (np.sqrt(v) + 1e-8)), rtol=1e-6)
+    assert "lr_max/b" in logs and not any("codes" in key or "scale" in key for key in logs)
+
+
 # ---------------------------------------------------------------------------
 # summary
 # ---------------------------------------------------------------------------

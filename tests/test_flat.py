@@ -13,7 +13,7 @@ from helpers import f32, random_problem, run_steps, step_slice, steps_list
 from reference import Hyper, ScaleByRmsReference, assert_tree_close, rmsprop_trajectory
 
 import rmsprop_jax
-from rmsprop_jax.flat import FlatLayout
+from rmsprop_jax.flat import STATE_ALIGN, FlatLayout
 
 
 def _mixed_problem(seed: int, steps: int):
@@ -78,15 +78,18 @@ def test_flat_scale_by_rms_matches_the_reference():
     params, grads = random_problem(2, 20)
     tx = rmsprop_jax.scale_by_rms(decay=f32(0.95), centered=True, flat=True)
     state = tx.init(params)
-    assert set(state.nu) == {"float32/0"} and state.nu["float32/0"].shape == (16,)
+    # 16 elements, padded to a whole multiple of STATE_ALIGN.
+    assert set(state.nu) == {"float32/0"} and state.nu["float32/0"].shape == (STATE_ALIGN,)
     ref = ScaleByRmsReference(params, Hyper(decay=f32(0.95), centered=True))
     for g in steps_list(grads):
         s, state = tx.update(g, state)
         assert_tree_close(s, ref.update(g), 1e-5)
+    # The padding sees zero gradients: its averages stay exactly zero.
+    assert not np.any(np.asarray(state.nu["float32/0"][16:])) and not np.any(np.asarray(state.mu["float32/0"][16:]))
 
 
 def _fusions(fn, *args) -> int:
-    hlo = jax.jit(fn, donate_argnums=(0, 1)).lower(*args).compile().as_text()
+    hlo = jax.jit(fn, donate_argnums=tuple(range(min(2, len(args))))).lower(*args).compile().as_text()
     entry = hlo[hlo.index("\nENTRY") :]
     return len(re.findall(r"\bfusion\(", entry.split("\n}\n")[0]))
 
@@ -144,7 +147,10 @@ def test_flat_parameter_training_runs_o1_kernels_and_matches_pytree_training():
         p, tree_state = tree_fn(p, tree_state)
         fp, flat_state = flat_fn(fp, flat_state)
     assert_tree_close(layout.unravel(fp), p, 1e-5)
-    # Same model, same backward pass: the flat step saves the two kernels per leaf of the optimizer.
+    # Same model, same backward pass: on top of it the flat optimizer step adds a constant
+    # number of kernels, the pytree step at least one per leaf (its parameter output).
+    n_grad = _fusions(lambda fp: jax.grad(lambda fp: loss(layout.unravel(fp)))(fp), layout.ravel(params))
     n_flat = _fusions(flat_step, layout.ravel(params), tx_flat.init(layout.ravel(params)))
     n_tree = _fusions(tree_step, params, tx_tree.init(params))
-    assert n_flat <= n_tree - 2 * 40 + 8
+    assert n_flat <= n_grad + 8
+    assert n_tree >= n_grad + 40

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from reference import INT32_MAX, Hyper, ScaleByRmsReference, assert_tree_close, rmsprop_trajectory, to64
 
 import rmsprop_jax
+import rmsprop_jax.flat
 
 STEPS = 120
 RTOL = 1e-5
@@ -173,3 +174,49 @@ def test_state_is_a_named_tuple_with_int32_count_that_saturates():
         s, state = step(g, state)
         assert state.count.dtype == jnp.int32 and int(state.count) == INT32_MAX
         assert_tree_close(s, ref.update(g), RTOL)
+
+
+DECAY_ZERO_VARIANTS = {
+    "plain": {},
+    "centered": dict(centered=True),
+    "bias_correction": dict(bias_correction=True, centered=True),
+    "eps_in_sqrt": dict(eps_in_sqrt=True, centered=True),
+    "initial_scale": dict(initial_scale=1.0, centered=True),
+    "momentum": dict(momentum=0.9, centered=True),
+    "nesterov": dict(momentum=0.9, nesterov=True, centered=True),
+    "torch_momentum": dict(momentum=0.9, lr_in_momentum=False, centered=True),
+    "decoupled_weight_decay": dict(weight_decay=0.1, decoupled_weight_decay=True, centered=True),
+    "flat": dict(flat=True, centered=True),
+}
+
+
+@pytest.mark.parametrize("kind", ["rmsprop", "scale_by_rms"])
+@pytest.mark.parametrize("variant", sorted(DECAY_ZERO_VARIANTS))
+def test_decay_zero_keeps_exactly_the_last_gradient(kind, variant):
+    """decay=0: mu == g and nu == |g|^2 bit for bit after every step (PyTorch's lerp is exact there).
+
+    With ``m + 1·(g − m)`` instead, mu would carry rounding noise, and a
+    centered step (whose variance is then exactly zero) would be decided by it.
+    """
+    kwargs = dict(DECAY_ZERO_VARIANTS[variant])
+    if kind == "scale_by_rms":
+        if "momentum" in kwargs or "weight_decay" in kwargs or "flat" in kwargs:
+            pytest.skip("an rmsprop option")
+        tx = rmsprop_jax.scale_by_rms(decay=0.0, **kwargs)
+    else:
+        tx = rmsprop_jax.rmsprop(0.01, decay=0.0, **kwargs)
+    rng = np.random.default_rng(7)
+    params = {"w": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32), "b": jnp.zeros(16, jnp.float32)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(4):
+        grads = {k: jnp.asarray(rng.normal(size=v.shape) * 3.0, jnp.float32) for k, v in params.items()}
+        _, state = update(grads, state, params)
+        g = {k: np.asarray(v) for k, v in grads.items()}
+        nu, mu = state.nu, state.mu
+        if kwargs.get("flat"):
+            layout = rmsprop_jax.flat.FlatLayout(params)
+            nu, mu = layout.unravel(nu), layout.unravel(mu)
+        chex.assert_trees_all_equal(nu, {k: v * v for k, v in g.items()})
+        if kwargs.get("centered"):
+            chex.assert_trees_all_equal(mu, g)

@@ -1,0 +1,525 @@
+r"""How the optimizer state is stored: one format per state buffer, chosen leaf by leaf.
+
+`rmsprop_jax.rmsprop` and `rmsprop_jax.scale_by_rms` keep up to three
+parameter-sized buffers per leaf: the average of squared gradients ``nu``
+(never negative), and the signed averages ``mu`` (centered) and momentum.
+Every way of storing one of them is a *format*, and everything that touches
+the state (the update, ``init``, ``flat=True``, `rmsprop_jax.sharding.zero1`,
+`rmsprop_jax.diagnostics`, checkpoints) goes through this one interface:
+
+* ``init(like, value)``: the stored form of a buffer filled with `value`,
+  built from an array shaped like the parameter (so that under ``jax.jit``
+  it is placed like the parameter);
+* ``shardings(sharding)``: the sharding of every stored array, given the
+  parameter's sharding;
+* ``load(stored, dtype)`` / ``store(x, stored, key)``: decode for computing,
+  and encode the new value with the format's rounding;
+* ``average(stored, x, decay, complement, key)``: the running average
+  :math:`v \leftarrow \gamma v + (1 - \gamma) x` of a buffer, returning the
+  new value in float32 for this step's update and its stored form;
+* ``decode(stored)``: the values for reading (diagnostics, plots).
+
+The formats:
+
+* `Dense`: an array of a floating dtype shaped like the parameter (float32,
+  or bfloat16/float16 with stochastic rounding, see `rmsprop_jax.lowmem`).
+* `Blockwise`: ``nu`` as 8-bit codes plus a float32 scale per block of
+  ``block_size`` elements along the last axis, a `QuantizedArray`.
+
+`Storage` holds the options of a transform and picks the format of each
+leaf's buffers from its shape and dtype; leaves a format cannot hold (too
+small, complex) get `Dense`. The stored form of a buffer is a plain array or
+a registered pytree node, so the state stays a pytree of arrays whose
+structure depends only on the options and the params' shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rmsprop_jax import _random
+
+__all__ = [
+    "Blockwise",
+    "Dense",
+    "QuantizedArray",
+    "Storage",
+    "decode",
+    "dequantize",
+    "is_stored_node",
+    "make_storage",
+    "quantize",
+    "state_bytes",
+]
+
+DEFAULT_BLOCK_SIZE = 256
+# Leaves with fewer elements keep a dense float32 nu: their state is small, and a
+# block scale per few elements would cost more than it saves (bitsandbytes' rule).
+MIN_QUANTIZED_SIZE = 4096
+
+
+# --------------------------------------------------------------------------- stored nodes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """A blockwise-quantized non-negative array (the `Blockwise` format).
+
+    The array is viewed as rows of ``cols`` elements: its trailing axis, or
+    when that is shorter than a block, its trailing axes merged. Each row is
+    cut into blocks of ``block_size`` elements (the last block of a row may
+    be shorter); a block stores one float32 scale and one code per element.
+
+    Attributes:
+      codes: uint8 codes, shape ``lead + (cols,)`` with ``lead`` the leading
+        axes of the array.
+      scale: float32, shape ``lead + (blocks per row,)``: each block's scale,
+        an upper bound of its values.
+      shape: the shape of the array the codes stand for (static).
+      block_size: elements per block (static).
+    """
+
+    codes: Any
+    scale: Any
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    block_size: int = dataclasses.field(default=DEFAULT_BLOCK_SIZE, metadata=dict(static=True))
+
+
+def is_stored_node(x: Any) -> bool:
+    """Whether `x` is the stored form of one buffer that is not a plain array."""
+    return isinstance(x, QuantizedArray)
+
+
+# --------------------------------------------------------------------------- the blocked view
+
+
+def row_split(shape: Sequence[int], block_size: int) -> int:
+    """The number of leading axes kept as they are; the rest are merged into rows.
+
+    The trailing axis alone when it holds at least one block, else the
+    fewest trailing axes whose product does (all of them for a small array).
+    """
+    k = len(shape) - 1
+    while k > 0 and math.prod(shape[k:]) < block_size:
+        k -= 1
+    return max(k, 0)
+
+
+def _rows(shape: Sequence[int], block_size: int) -> tuple[tuple[int, ...], int]:
+    k = row_split(shape, block_size)
+    return tuple(shape[:k]), math.prod(shape[k:])
+
+
+def _parts(x: jax.Array, block_size: int) -> list[jax.Array]:
+    """The rows of `x` (shape ``lead + (cols,)``) as whole blocks ``lead + (n, block_size)``, then the short tail."""
+    cols = x.shape[-1]
+    full = cols // block_size
+    parts = []
+    if full:
+        parts.append(x[..., : full * block_size].reshape((*x.shape[:-1], full, block_size)))
+    if cols > full * block_size:
+        parts.append(x[..., full * block_size :][..., None, :])
+    return parts
+
+
+def _join(parts: list[jax.Array]) -> jax.Array:
+    """Inverse of `_parts`."""
+    flat = [p.reshape((*p.shape[:-2], -1)) for p in parts]
+    return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=-1)
+
+
+def block_max(blocks: jax.Array) -> jax.Array:
+    """The maximum over the last axis (NaN if a block holds one).
+
+    Written as a tree of elementwise maxima down to 16 columns, then a
+    reduction: XLA:CPU (jaxlib 0.10) sends a plain row reduction of long rows
+    to a library kernel that is ~10x slower than the memory traffic, while
+    the elementwise tree fuses into one loop.
+    """
+    while blocks.shape[-1] > 16 and blocks.shape[-1] % 2 == 0:
+        half = blocks.shape[-1] // 2
+        blocks = jnp.maximum(blocks[..., :half], blocks[..., half:])
+    return jnp.max(blocks, axis=-1)
+
+
+def _block_maxima(x: jax.Array, block_size: int) -> jax.Array:
+    maxima = [block_max(part) for part in _parts(x, block_size)]
+    return maxima[0] if len(maxima) == 1 else jnp.concatenate(maxima, axis=-1)
+
+
+# --------------------------------------------------------------------------- the 8-bit code map
+
+# Code c stands for s·(c/255)^4, with s the block scale.
+CODES = 255
+
+
+def _code_value(code: jax.Array) -> jax.Array:
+    """(c / 255)^4 in float32."""
+    t = code.astype(jnp.float32) * jnp.float32(1 / CODES)
+    t2 = t * t
+    return t2 * t2
+
+
+def _encode_part(r: jax.Array, bits: jax.Array | None) -> jax.Array:
+    """Codes of ratios `r` in [0, 1] (NaN stays NaN-coded): nearest in value, or stochastic given `bits`."""
+    low = jnp.clip(jnp.floor(jnp.sqrt(jnp.sqrt(r)) * CODES), 0, CODES - 1)
+    q_low, q_high = _code_value(low), _code_value(low + 1)
+    # The nearest code in value, or the upper one with probability (r - q_low) / (q_high - q_low).
+    up = r - q_low > q_high - r if bits is None else _random.uniform(bits) * (q_high - q_low) < r - q_low
+    code = low + up.astype(jnp.float32)
+    code = jnp.where(r > 0, jnp.maximum(code, 1), code)  # never store a non-zero v as 0
+    return code.astype(jnp.uint8)
+
+
+def _encode(x: jax.Array, scale: jax.Array, block_size: int, bits: jax.Array | None) -> jax.Array:
+    """uint8 codes of non-negative `x` (``lead + (cols,)``) relative to its block scales."""
+    inv = jnp.where(scale > 0, 1 / jnp.where(scale > 0, scale, 1), 0)
+    x_parts = _parts(jnp.where(x <= 0, 0, x), block_size)  # also turns -0.0 into +0.0; NaN stays NaN
+    bit_parts = [None] * len(x_parts) if bits is None else _parts(bits, block_size)
+    codes, start = [], 0
+    for part, part_bits in zip(x_parts, bit_parts, strict=True):
+        n = part.shape[-2]
+        r = jnp.minimum(part * inv[..., start : start + n, None], 1)
+        codes.append(_encode_part(r, part_bits))
+        start += n
+    return _join(codes)
+
+
+def _decode_rows(q: QuantizedArray) -> jax.Array:
+    """The float32 values of `q` in its row view ``lead + (cols,)``."""
+    parts, start = [], 0
+    for part in _parts(q.codes, q.block_size):
+        n = part.shape[-2]
+        parts.append(q.scale[..., start : start + n, None] * _code_value(part))
+        start += n
+    return _join(parts)
+
+
+def quantize(v: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE, bits: jax.Array | None = None) -> QuantizedArray:
+    """Quantizes non-negative `v` to 8-bit codes per block of `block_size` elements along its rows.
+
+    The scale of each block is its maximum, stored as code 255. Each value is
+    rounded between its two neighbouring codes, c = floor(255·(v/s)^(1/4))
+    and c + 1, in value (not in code): to the nearer one, or, given random
+    `bits`, up with probability (v − q_c) / (q_(c+1) − q_c), which makes the
+    result unbiased.
+
+    Args:
+      v: float32 values >= 0 (negative values are treated as 0).
+      block_size: elements per block.
+      bits: uint32 random bits shaped like the codes (``v`` in its row view,
+        see `QuantizedArray`) for stochastic rounding; None rounds to the
+        nearest code.
+
+    Returns:
+      A `QuantizedArray`. Every non-zero value gets a non-zero code.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> q = quantize(jnp.array([4.0, 1.0, 1e-20, 0.0]), block_size=4)
+      >>> q.codes, q.scale
+      (Array([255, 180,   1,   0], dtype=uint8), Array([4.], dtype=float32))
+      >>> dequantize(q)  # 1.0 comes back as 4·(180/255)^4; 1e-20 rounds up to code 1
+      Array([4.0000000e+00, 9.9309164e-01, 9.4601793e-10, 0.0000000e+00], dtype=float32)
+    """
+    shape = tuple(np.shape(v))
+    lead, cols = _rows(shape, block_size)
+    rows = jnp.asarray(v, jnp.float32).reshape((*lead, cols))
+    rows = jnp.where(rows <= 0, 0, rows)
+    scale = _block_maxima(rows, block_size)
+    return QuantizedArray(_encode(rows, scale, block_size, bits), scale, shape, block_size)
+
+
+def dequantize(q: QuantizedArray, shape: Sequence[int] | None = None) -> jax.Array:
+    """The float32 values of `q`, shaped like the array it stands for.
+
+    Args:
+      q: the quantized array.
+      shape: optional; if given it must equal ``q.shape``.
+    """
+    if shape is not None and tuple(shape) != q.shape:
+        raise ValueError(f"the quantized array has shape {q.shape}, not {tuple(shape)}.")
+    return _decode_rows(q).reshape(q.shape)
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _low_precision(dtype: Any) -> bool:
+    """A real floating dtype narrower than float32 (bfloat16, float16, float8...)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
+
+
+def filled_like(p: jax.Array, value: Any, dtype: Any) -> jax.Array:
+    """An array of `value` shaped like `p` that is placed (sharded) like `p`.
+
+    A broadcast constant carries no placement, so under ``jax.jit`` sharding
+    propagation would leave it on one device or replicate it. Deriving it from
+    `p` makes every element depend on the matching element of `p`, so the
+    state lands exactly where its parameter is; the select keeps the result
+    exact when `p` holds inf or NaN (where ``p * 0`` is NaN).
+    """
+    p = jnp.asarray(p)
+    # |p| * 0 is +0.0 (p * 0 would be -0.0 for negative p) and real also for complex p.
+    zero = jnp.where(jnp.isfinite(p), jnp.abs(p) * 0, 0)
+    return zero.astype(dtype) + jnp.asarray(value, dtype)
+
+
+def _axis_size(mesh: Any, entry: Any) -> int:
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    sizes = dict(mesh.shape)
+    return math.prod(sizes[name] for name in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """A buffer stored as an array of `dtype` shaped like its parameter.
+
+    Below float32 precision the new value is rounded stochastically when
+    `stochastic` (unbiased: a decay close to 1 still forgets), else to nearest.
+    """
+
+    dtype: Any
+    stochastic: bool = True
+
+    @property
+    def rounds_stochastically(self) -> bool:
+        return self.stochastic and _low_precision(self.dtype)
+
+    def init(self, like: jax.Array, value: Any) -> jax.Array:
+        return filled_like(like, value, self.dtype)
+
+    def shardings(self, shape: Sequence[int], sharding: Any) -> Any:
+        """The parameter's own sharding."""
+        del shape
+        return sharding
+
+    def load(self, stored: jax.Array, dtype: Any) -> jax.Array:
+        return stored.astype(dtype)
+
+    def store(self, x: jax.Array, stored: Any, key: jax.Array) -> jax.Array:
+        if not self.rounds_stochastically:
+            return x.astype(self.dtype)
+        return _random.stochastic_round(x, self.dtype, _random.random_bits(x.shape, key))
+
+    def average(
+        self, stored: jax.Array, x: jax.Array, decay: jax.Array, complement: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        v = decay * self.load(stored, x.dtype) + complement * x
+        return v, self.store(v, stored, key)
+
+    def decode(self, stored: jax.Array) -> jax.Array:
+        return jnp.asarray(stored)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blockwise:
+    """A non-negative buffer as 8-bit codes with a float32 scale per block (see `QuantizedArray`).
+
+    Code c of a block with scale s stands for :math:`s\\,(c/255)^4`. The new
+    scale after an average is the bound :math:`\\gamma s + (1-\\gamma)\\max x`
+    of the block's new maximum, which needs only the new inputs `x`
+    (computing the exact maximum of the new values would make XLA write them
+    out in float32 first). Codes are drawn with stochastic rounding between
+    the two neighbouring codes when `stochastic`, else to the nearest.
+    """
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    stochastic: bool = True
+
+    def _rows(self, shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
+        return _rows(shape, self.block_size)
+
+    def init(self, like: jax.Array, value: Any) -> QuantizedArray:
+        shape = tuple(like.shape)
+        lead, cols = self._rows(shape)
+        zeros = filled_like(like, 0, jnp.float32).reshape((*lead, cols))
+        codes = (zeros + jnp.where(jnp.asarray(value) > 0, CODES, 0)).astype(jnp.uint8)
+        scale = _block_maxima(zeros, self.block_size) + jnp.asarray(value, jnp.float32)
+        return QuantizedArray(codes, scale, shape, self.block_size)
+
+    def shardings(self, shape: Sequence[int], sharding: Any) -> QuantizedArray:
+        """Codes keep the parameter's layout in the leading axes and, when it is not merged, the last one.
+
+        A block scale can follow a sharded row axis only when every shard
+        holds whole blocks; otherwise the scales are replicated along it.
+        """
+        shape = tuple(shape)
+        lead, cols = self._rows(shape)
+        if not isinstance(sharding, NamedSharding):
+            return QuantizedArray(sharding, sharding, shape, self.block_size)
+        spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+        k = len(lead)
+        row_entries = spec[k:]
+        # A merged row axis is laid out like its major part when the minor parts are whole.
+        row_entry = row_entries[0] if row_entries and all(e is None for e in row_entries[1:]) else None
+        if row_entry is PartitionSpec.UNCONSTRAINED:
+            row_entry = None
+        scale_entry = None
+        if row_entry is not None:
+            per_shard = cols // _axis_size(sharding.mesh, row_entry)
+            scale_entry = row_entry if per_shard % self.block_size == 0 else None
+        codes = NamedSharding(sharding.mesh, PartitionSpec(*spec[:k], row_entry), memory_kind=sharding.memory_kind)
+        scale = NamedSharding(sharding.mesh, PartitionSpec(*spec[:k], scale_entry), memory_kind=sharding.memory_kind)
+        return QuantizedArray(codes, scale, shape, self.block_size)
+
+    def load(self, stored: QuantizedArray, dtype: Any) -> jax.Array:
+        return self.decode(stored).astype(dtype)
+
+    def average(
+        self, stored: QuantizedArray, x: jax.Array, decay: jax.Array, complement: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, QuantizedArray]:
+        lead, cols = self._rows(stored.shape)
+        x_rows = x.astype(jnp.float32).reshape((*lead, cols))
+        v = decay * _decode_rows(stored) + complement * x_rows
+        scale = decay * stored.scale + complement * _block_maxima(x_rows, self.block_size)
+        bits = _random.random_bits(stored.codes.shape, key) if self.stochastic else None
+        codes = _encode(v, scale, self.block_size, bits)
+        return v.reshape(stored.shape), QuantizedArray(codes, scale, stored.shape, self.block_size)
+
+    def decode(self, stored: QuantizedArray) -> jax.Array:
+        return dequantize(stored)
+
+
+Format = Dense | Blockwise
+
+
+# --------------------------------------------------------------------------- choosing formats per leaf
+
+
+def state_dtypes(
+    param_dtype: Any, nu_dtype: jnp.dtype | None, split_complex: bool = False
+) -> tuple[jnp.dtype, jnp.dtype]:
+    """The dtypes of (nu, mu and momentum) for one leaf.
+
+    By default the state follows the params, except that half-precision params
+    get float32 state: in bfloat16 ``0.999 * v`` rounds back to ``v`` and the
+    average would never forget. Complex params keep a real ``nu`` (it holds
+    |g|^2) and complex ``mu``/momentum; with `split_complex`, ``nu`` is complex
+    too, holding the average of re(g)^2 in its real part and of im(g)^2 in
+    its imaginary part.
+    """
+    param_dtype = jnp.dtype(param_dtype)
+    real = jnp.finfo(param_dtype).dtype
+    if nu_dtype is None:
+        nu_dtype = jnp.dtype(jnp.float32) if real.itemsize < 4 else real
+    if jnp.issubdtype(param_dtype, jnp.complexfloating):
+        complex_dtype = jnp.result_type(nu_dtype, jnp.complex64)
+        return (complex_dtype if split_complex else nu_dtype), complex_dtype
+    return nu_dtype, nu_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """The storage options of one transform; picks the formats of each leaf's buffers.
+
+    Attributes:
+      nu_dtype: the state dtype (None: follow the params, float32 for half precision).
+      split_complex: complex params keep a complex ``nu`` (see `state_dtypes`).
+      state_bits: None, or 8 for a `Blockwise` ``nu`` on large real leaves.
+      block_size: elements per block of the quantized ``nu``.
+      stochastic: round state stored below float32 precision stochastically.
+    """
+
+    nu_dtype: Any = None
+    split_complex: bool = False
+    state_bits: int | None = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+    stochastic: bool = True
+
+    def formats(self, shape: Sequence[int], param_dtype: Any) -> tuple[Format, Dense]:
+        """``(format of nu, format of mu and momentum)`` for a leaf of this shape and dtype."""
+        d_nu, d_signed = state_dtypes(param_dtype, self.nu_dtype, self.split_complex)
+        signed = Dense(d_signed, self.stochastic)
+        if self.state_bits is not None and self.quantizes(shape, d_nu):
+            return Blockwise(self.block_size, self.stochastic), signed
+        return Dense(d_nu, self.stochastic), signed
+
+    def stored_formats(self, nu: Any, mu: Any = None) -> tuple[Format, Dense | None]:
+        """The formats of a leaf's stored ``nu`` and ``mu`` (or momentum), read from what is stored."""
+        nu_fmt: Format = (
+            Blockwise(nu.block_size, self.stochastic)
+            if isinstance(nu, QuantizedArray)
+            else Dense(nu.dtype, self.stochastic)
+        )
+        return nu_fmt, None if mu is None else Dense(mu.dtype, self.stochastic)
+
+    def quantizes(self, shape: Sequence[int], dtype: Any) -> bool:
+        return (
+            self.state_bits is not None
+            and math.prod(shape) >= max(MIN_QUANTIZED_SIZE, self.block_size)
+            and jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+        )
+
+
+def make_storage(
+    nu_dtype: jnp.dtype | None,
+    split_complex: bool,
+    state_bits: Any,
+    block_size: Any,
+    stochastic_rounding: Any,
+) -> Storage:
+    """Validates the storage options of `rmsprop` / `scale_by_rms`.
+
+    Args:
+      nu_dtype: the resolved state dtype (None: follow the params).
+      split_complex: see `state_dtypes`.
+      state_bits: None, or 8 for the blockwise-quantized ``nu``.
+      block_size: elements per quantization block (needs ``state_bits``);
+        None means 256.
+      stochastic_rounding: None (on whenever state is stored below float32
+        precision), True or False.
+    """
+    if state_bits is not None and (isinstance(state_bits, bool) or state_bits != 8):
+        raise ValueError(f"state_bits must be None or 8, got {state_bits!r}.")
+    if block_size is not None:
+        if state_bits is None:
+            raise ValueError("block_size applies to the quantized state: pass state_bits=8 with it.")
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+    if stochastic_rounding is not None and not isinstance(stochastic_rounding, (bool, np.bool_)):
+        raise ValueError(f"stochastic_rounding must be None, True or False, got {stochastic_rounding!r}.")
+    stochastic = bool(stochastic_rounding) if stochastic_rounding is not None else True
+    return Storage(nu_dtype, bool(split_complex), state_bits, int(block_size or DEFAULT_BLOCK_SIZE), stochastic)
+
+
+# --------------------------------------------------------------------------- reading the state
+
+
+def decode(nu: Any, params: Any = None) -> Any:
+    """``nu`` as plain arrays shaped like the params (quantized leaves decoded to float32).
+
+    Args:
+      nu: the ``nu`` field of a state (any tree of stored buffers).
+      params: optional; if given, its leaves must match ``nu``'s in number and shape.
+    """
+    leaves, treedef = jax.tree.flatten(nu, is_leaf=is_stored_node)
+    out = [dequantize(x) if isinstance(x, QuantizedArray) else x for x in leaves]
+    if params is not None:
+        shapes = [tuple(np.shape(p)) for p in jax.tree.leaves(params)]
+        if len(shapes) != len(out):
+            raise ValueError(f"nu has {len(out)} leaves but the params have {len(shapes)}.")
+        for x, shape in zip(out, shapes, strict=True):
+            if tuple(np.shape(x)) != shape:
+                raise ValueError(f"a nu leaf of shape {np.shape(x)} does not match its parameter's shape {shape}.")
+    return jax.tree.unflatten(treedef, out)
+
+
+def value_dtype(stored: Any) -> jnp.dtype:
+    """The dtype a stored buffer holds its values in (float32 for quantized ones)."""
+    return jnp.dtype(jnp.float32) if is_stored_node(stored) else jnp.dtype(stored.dtype)
+
+
+def state_bytes(tree: Any) -> int:
+    """Bytes held by the arrays of a state tree (codes and scales included)."""
+    return sum(int(np.prod(np.shape(x))) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
