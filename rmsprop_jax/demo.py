@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 import rmsprop_jax
+from rmsprop_jax import _cli
 
 INSTALL_HINT = 'The demo needs scikit-learn, matplotlib and tqdm: pip install "rmsprop-jax[demo]"'
 
@@ -482,78 +483,36 @@ def _report(
     say(f"Curves saved to {out}")
 
 
-def _number(text: str, kind: type[int] | type[float]) -> float:
-    """Parses `text` as `kind`, with an argparse error that names the expected type."""
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-        ) from None
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(_number(text, int))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(_number(text, int))
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    value = _number(text, float)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    value = _number(text, float)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the demo's flags to `parser` (shared by `main` and ``python -m rmsprop_jax demo``)."""
     rms_grid = ", ".join(f"{a:g}" for a in RMSPROP_LR_GRID)
     sgd_grid = ", ".join(f"{a:g}" for a in SGD_LR_GRID)
     parser.add_argument(
-        "--steps", type=_positive_int, default=DEFAULT_STEPS, help="optimizer steps per run (default: %(default)s)"
+        "--steps", type=_cli.positive_int, default=DEFAULT_STEPS, help="optimizer steps per run (default: %(default)s)"
     )
     parser.add_argument(
         "--batch-size",
-        type=_non_negative_int,
+        type=_cli.non_negative_int,
         default=DEFAULT_BATCH_SIZE,
         help="training examples per step; 0 means full batch (default: %(default)s)",
     )
     parser.add_argument(
         "--lr",
-        type=_positive_float,
+        type=_cli.positive_float,
         default=None,
         help="learning rate of rmsprop_jax.rmsprop and optax.rmsprop (default: for each, the one of "
         f"{rms_grid} with the lowest geometric-mean training loss over the run)",
     )
     parser.add_argument(
         "--sgd-lr",
-        type=_positive_float,
+        type=_cli.positive_float,
         default=None,
         help=f"learning rate of SGD (default: the one of {sgd_grid} with the lowest geometric-mean training "
         "loss over the run)",
     )
     parser.add_argument(
         "--target",
-        type=_fraction,
+        type=_cli.fraction,
         default=DEFAULT_TARGET,
         help="test accuracy in (0, 1] that defines steps-to-target: the first step after which a run's "
         "test accuracy is at least this (default: %(default)s)",
@@ -565,7 +524,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seed of the train/test split, the initialisation and the batch order (default: %(default)s)",
     )
     parser.add_argument(
-        "--hidden", type=_positive_int, default=DEFAULT_HIDDEN, help="width of the hidden layer (default: %(default)s)"
+        "--hidden",
+        type=_cli.positive_int,
+        default=DEFAULT_HIDDEN,
+        help="width of the hidden layer (default: %(default)s)",
     )
     parser.add_argument("--out", default=DEFAULT_OUT, help="where to save the PNG of the curves (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")

@@ -55,3 +55,4 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "notebooks: executes the notebooks in notebooks/ (slow; deselect with -m 'not notebooks')"
     )
+    config.addinivalue_line("markers", "multiprocess: launches several JAX processes with jax.distributed (slow)")
