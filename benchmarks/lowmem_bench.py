@@ -18,12 +18,15 @@ STATES: dict[str, dict[str, Any]] = {
     "bfloat16 + SR": {"nu_dtype": jnp.bfloat16},
     "float16 + SR": {"nu_dtype": jnp.float16},
     "8-bit + SR": {"state_bits": 8},
+    "4-bit + SR": {"state_bits": 4},
+    "factored": {"factored": True},
 }
 
 
 def step_costs(n: int, rounds: int, min_round_s: float) -> list[list[str]]:
-    params = {"w": jnp.ones((n,))}
-    grads = {"w": jnp.asarray(np.random.default_rng(0).normal(size=n).astype(np.float32) * 1e-2)}
+    shape = (n // 1000, 1000)  # a matrix, so that the factored format applies
+    params = {"w": jnp.ones(shape)}
+    grads = {"w": jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32) * 1e-2)}
     runners, stats, nbytes = {}, {}, {}
     for name, options in STATES.items():
         tx = rmsprop_jax.rmsprop(1e-3, decay=0.999, **options)
@@ -54,7 +57,9 @@ def nu_error(n: int, steps: int) -> list[list[str]]:
     scales = 10 ** rng.uniform(-1, 1, size=n)
     grads = (rng.normal(size=(steps, n)) * scales).astype(np.float32)
     grads[steps // 2 :, ::2] = 0  # half the elements go quiet: their average must keep decaying
-    params = {"w": jnp.zeros(n)}
+    shape = (n // 256, 256)  # a matrix, so that the factored format applies when n >= 128 * 256
+    grads = grads.reshape((steps, *shape))
+    params = {"w": jnp.zeros(shape)}
 
     def final_nu(options: dict[str, Any]) -> np.ndarray:
         tx = rmsprop_jax.scale_by_rms(decay=0.999, **options)
@@ -173,8 +178,9 @@ def section(ctx: Any) -> str:
     out = [
         "## Low-memory state",
         "",
-        f"`rmsprop(1e-3, decay=0.999, ...)`, one leaf of {n:,} float32 params, update + apply jitted with donation. "
-        "*state B/param*: bytes of `nu` per parameter (8-bit: codes + one float32 scale per 256). "
+        f"`rmsprop(1e-3, decay=0.999, ...)`, one ({n // 1000:,}, 1,000) leaf of float32 params, update + apply jitted "
+        "with donation. *state B/param*: bytes of `nu` per parameter (8-bit: codes + one float32 scale per 256; "
+        "4-bit: two codes per byte + one float32 scale per 128; factored: row and column means). "
         "SR = stochastic rounding.",
         "",
         measure.markdown_table(

@@ -14,6 +14,7 @@ from rmsprop_jax import _checks, _placement, _random, formats
 from rmsprop_jax._guard import skip_if_nonfinite
 from rmsprop_jax.flat import flat_transform
 from rmsprop_jax.transform import (
+    check_factored,
     check_rms_args,
     compute_dtype,
     flatten_like_state,
@@ -113,6 +114,8 @@ def rmsprop(
     stochastic_rounding: bool | None = None,
     state_bits: int | None = None,
     block_size: int | None = None,
+    factored: bool = False,
+    factored_min_dim: int | None = None,
     flat: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSprop: gradient descent with per-element step sizes from a running RMS.
@@ -181,13 +184,24 @@ def rmsprop(
         momentum) stays as it was and ``state.skipped`` counts the skipped
         steps. The decision is global for the step.
       stochastic_rounding: round state stored below float32 precision
-        (``nu_dtype`` bfloat16/float16, ``state_bits=8``) stochastically, so
+        (``nu_dtype`` bfloat16/float16, ``state_bits``) stochastically, so
         that it stays unbiased and a decay close to 1 still forgets. None
         (default) means on; see :mod:`rmsprop_jax.lowmem`.
-      state_bits: None, or 8 to store ``nu`` as 8-bit codes with a float32
-        scale per block (:class:`rmsprop_jax.lowmem.QuantizedArray`, about
-        1.02 bytes per element); leaves smaller than one block stay unquantized.
-      block_size: elements per 8-bit block (default 256; needs ``state_bits=8``).
+      state_bits: None, or 8 or 4 to store ``nu`` as 8-bit (4-bit) codes
+        with a float32 scale per block
+        (:class:`rmsprop_jax.formats.QuantizedArray`): about 1.016 (0.53)
+        bytes per element; leaves under 4096 elements stay unquantized.
+      block_size: elements per block (default 256 for 8 bits, 128 for 4;
+        needs ``state_bits``).
+      factored: store ``nu`` of leaves whose two largest axes both have at
+        least ``factored_min_dim`` elements as Adafactor's running row and
+        column means (:class:`rmsprop_jax.formats.FactoredArray`, n + m
+        floats for an n × m leaf), estimating
+        :math:`\hat v_{ij} = R_i C_j / \mathrm{mean}(R)`; other leaves keep
+        their ``nu`` format (with ``state_bits``, quantized when large).
+        Not with ``centered`` (the rank-1 estimate can fall below
+        :math:`m^2`, which would give steps of lr/ε) nor ``flat``.
+      factored_min_dim: see ``factored`` (default 128).
       flat: keep the state as one contiguous vector per dtype (and per
         weight-decay mask value) instead of one array per leaf,
         so that a step over many small leaves runs O(1) kernels for the state;
@@ -220,6 +234,7 @@ def rmsprop(
       Networks*, arXiv:1308.0850 (2013); Loshchilov and Hutter, *Decoupled
       Weight Decay Regularization*, ICLR 2019.
     """
+    check_factored(factored, centered=centered, flat=flat)
     if flat:  # the same transform on per-dtype vectors (rmsprop_jax.flat)
         options = dict(locals())
         del options["flat"], options["weight_decay_mask"]
@@ -229,7 +244,9 @@ def rmsprop(
             uses_params=not _is_off(weight_decay),
         )
     state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
-    storage = formats.make_storage(state_dtype, split_complex, state_bits, block_size, stochastic_rounding)
+    storage = formats.make_storage(
+        state_dtype, split_complex, state_bits, block_size, stochastic_rounding, factored, factored_min_dim
+    )
     _checks.check_learning_rate(learning_rate)
     if momentum is None:
         if nesterov:

@@ -23,12 +23,19 @@ The formats:
 
 * `Dense`: an array of a floating dtype shaped like the parameter (float32,
   or bfloat16/float16 with stochastic rounding, see `rmsprop_jax.lowmem`).
-* `Blockwise`: ``nu`` as 8-bit codes plus a float32 scale per block of
-  ``block_size`` elements along the last axis, a `QuantizedArray`.
+* `Blockwise`: ``nu`` as 8-bit (or 4-bit, two per byte) codes plus a float32
+  scale per block of ``block_size`` elements along the last axis, a
+  `QuantizedArray`.
+* `Factored`: ``nu`` of a large matrix as Adafactor's running row and column
+  means, a `FactoredArray`.
 
 `Storage` holds the options of a transform and picks the format of each
 leaf's buffers from its shape and dtype; leaves a format cannot hold (too
-small, complex) get `Dense`. The stored form of a buffer is a plain array or
+small, complex) get `Dense`. `format_of` reads the format back from a stored
+buffer, so code that only has the state (diagnostics, `zero1`) needs no
+options. Adding a format means a class with the methods above, a stored
+node if it is not a plain array, and a line in `Storage.formats` and
+`format_of`. The stored form of a buffer is a plain array or
 a registered pytree node, so the state stays a pytree of arrays whose
 structure depends only on the options and the params' shapes.
 """
@@ -50,10 +57,14 @@ from rmsprop_jax import _random
 __all__ = [
     "Blockwise",
     "Dense",
+    "Factored",
+    "FactoredArray",
     "QuantizedArray",
     "Storage",
     "decode",
     "dequantize",
+    "factored_axes",
+    "format_of",
     "is_stored_node",
     "make_storage",
     "quantize",
@@ -61,6 +72,8 @@ __all__ = [
 ]
 
 DEFAULT_BLOCK_SIZE = 256
+DEFAULT_BLOCK_SIZE_4BIT = 128
+DEFAULT_FACTORED_MIN_DIM = 128
 # Leaves with fewer elements keep a dense float32 nu: their state is small, and a
 # block scale per few elements would cost more than it saves (bitsandbytes' rule).
 MIN_QUANTIZED_SIZE = 4096
@@ -80,23 +93,46 @@ class QuantizedArray:
     be shorter); a block stores one float32 scale and one code per element.
 
     Attributes:
-      codes: uint8 codes, shape ``lead + (cols,)`` with ``lead`` the leading
-        axes of the array.
+      codes: uint8, shape ``lead + (cols,)`` with ``lead`` the leading axes of
+        the array: one code per byte (8 bits); or two per byte (4 bits), shape
+        ``lead + (blocks per row · block_size / 2,)``: byte j of a block holds
+        element j in its low nibble and element j + block_size/2 in its high
+        one (the last block of a row padded with zero codes).
       scale: float32, shape ``lead + (blocks per row,)``: each block's scale,
         an upper bound of its values.
       shape: the shape of the array the codes stand for (static).
       block_size: elements per block (static).
+      bits: bits per code, 8 or 4 (static).
     """
 
     codes: Any
     scale: Any
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(default=DEFAULT_BLOCK_SIZE, metadata=dict(static=True))
+    bits: int = dataclasses.field(default=8, metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FactoredArray:
+    r"""A non-negative array stored as running row and column means (the `Factored` format).
+
+    For an array of shape ``shape`` factored over the axes ``axes = (a, b)``
+    (its two largest, a < b), ``row`` holds the means over axis b (shape
+    without b) and ``col`` the means over axis a (shape without a); the
+    array stands for :math:`v_{ij} = R_i C_j / \mathrm{mean}_i R_i` in every
+    slice of the other axes (Adafactor's rank-1 estimate).
+    """
+
+    row: Any
+    col: Any
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    axes: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
 
 
 def is_stored_node(x: Any) -> bool:
     """Whether `x` is the stored form of one buffer that is not a plain array."""
-    return isinstance(x, QuantizedArray)
+    return isinstance(x, (QuantizedArray, FactoredArray))
 
 
 # --------------------------------------------------------------------------- the blocked view
@@ -119,22 +155,22 @@ def _rows(shape: Sequence[int], block_size: int) -> tuple[tuple[int, ...], int]:
     return tuple(shape[:k]), math.prod(shape[k:])
 
 
-def _parts(x: jax.Array, block_size: int) -> list[jax.Array]:
-    """The rows of `x` (shape ``lead + (cols,)``) as whole blocks ``lead + (n, block_size)``, then the short tail."""
+def _blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """Rows ``lead + (cols,)`` as whole blocks ``lead + (n, block_size)``, the last one padded with zeros.
+
+    A pad (rather than a short last block handled apart) keeps every step one
+    fused loop over the blocks.
+    """
     cols = x.shape[-1]
-    full = cols // block_size
-    parts = []
-    if full:
-        parts.append(x[..., : full * block_size].reshape((*x.shape[:-1], full, block_size)))
-    if cols > full * block_size:
-        parts.append(x[..., full * block_size :][..., None, :])
-    return parts
+    n = -(-cols // block_size)
+    if n * block_size != cols:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n * block_size - cols)])
+    return x.reshape((*x.shape[:-1], n, block_size))
 
 
-def _join(parts: list[jax.Array]) -> jax.Array:
-    """Inverse of `_parts`."""
-    flat = [p.reshape((*p.shape[:-2], -1)) for p in parts]
-    return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=-1)
+def _unblocks(xb: jax.Array, cols: int) -> jax.Array:
+    """Inverse of `_blocks`."""
+    return xb.reshape((*xb.shape[:-2], -1))[..., :cols]
 
 
 def block_max(blocks: jax.Array) -> jax.Array:
@@ -152,27 +188,31 @@ def block_max(blocks: jax.Array) -> jax.Array:
 
 
 def _block_maxima(x: jax.Array, block_size: int) -> jax.Array:
-    maxima = [block_max(part) for part in _parts(x, block_size)]
-    return maxima[0] if len(maxima) == 1 else jnp.concatenate(maxima, axis=-1)
+    return block_max(_blocks(x, block_size))  # the zero padding never exceeds a maximum of values >= 0
 
 
 # --------------------------------------------------------------------------- the 8-bit code map
 
-# Code c stands for s·(c/255)^4, with s the block scale.
+# Code c of a b-bit map stands for s·(c/L)^4, with s the block scale and L = 2^b - 1
+# the top code (255 or 15).
 CODES = 255
 
 
-def _code_value(code: jax.Array) -> jax.Array:
-    """(c / 255)^4 in float32."""
-    t = code.astype(jnp.float32) * jnp.float32(1 / CODES)
+def _levels(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def _code_value(code: jax.Array, levels: int = CODES) -> jax.Array:
+    """(c / L)^4 in float32."""
+    t = code.astype(jnp.float32) * jnp.float32(1 / levels)
     t2 = t * t
     return t2 * t2
 
 
-def _encode_part(r: jax.Array, bits: jax.Array | None) -> jax.Array:
+def _encode_part(r: jax.Array, bits: jax.Array | None, levels: int) -> jax.Array:
     """Codes of ratios `r` in [0, 1] (NaN stays NaN-coded): nearest in value, or stochastic given `bits`."""
-    low = jnp.clip(jnp.floor(jnp.sqrt(jnp.sqrt(r)) * CODES), 0, CODES - 1)
-    q_low, q_high = _code_value(low), _code_value(low + 1)
+    low = jnp.clip(jnp.floor(jnp.sqrt(jnp.sqrt(r)) * levels), 0, levels - 1)
+    q_low, q_high = _code_value(low, levels), _code_value(low + 1, levels)
     # The nearest code in value, or the upper one with probability (r - q_low) / (q_high - q_low).
     up = r - q_low > q_high - r if bits is None else _random.uniform(bits) * (q_high - q_low) < r - q_low
     code = low + up.astype(jnp.float32)
@@ -180,45 +220,65 @@ def _encode_part(r: jax.Array, bits: jax.Array | None) -> jax.Array:
     return code.astype(jnp.uint8)
 
 
-def _encode(x: jax.Array, scale: jax.Array, block_size: int, bits: jax.Array | None) -> jax.Array:
-    """uint8 codes of non-negative `x` (``lead + (cols,)``) relative to its block scales."""
+def _pack(codes: jax.Array, bits: int) -> jax.Array:
+    """Codes ``lead + (n, block_size)`` as stored: one per byte (8 bits, rows unpadded), or two per byte (4 bits).
+
+    4-bit codes pair element j of a block with element j + block_size/2 (low
+    and high nibble): both halves are contiguous, so packing and unpacking
+    stay simple vector loops.
+    """
+    if bits == 8:
+        return codes
+    half = codes.shape[-1] // 2
+    packed = codes[..., :half] | (codes[..., half:] << 4)
+    return packed.reshape((*packed.shape[:-2], -1))
+
+
+def _unpack(q: QuantizedArray) -> jax.Array:
+    """The codes of `q` as whole blocks ``lead + (n, block_size)``."""
+    if q.bits == 8:
+        return _blocks(q.codes, q.block_size)
+    packed = q.codes.reshape((*q.codes.shape[:-1], -1, q.block_size // 2))
+    return jnp.concatenate([packed & 15, packed >> 4], axis=-1)
+
+
+def _encode(x: jax.Array, scale: jax.Array, block_size: int, bits: jax.Array | None, levels: int = CODES) -> jax.Array:
+    """Codes (one per byte) of non-negative `x` (``lead + (cols,)``) as blocks ``lead + (n, block_size)``."""
     inv = jnp.where(scale > 0, 1 / jnp.where(scale > 0, scale, 1), 0)
-    x_parts = _parts(jnp.where(x <= 0, 0, x), block_size)  # also turns -0.0 into +0.0; NaN stays NaN
-    bit_parts = [None] * len(x_parts) if bits is None else _parts(bits, block_size)
-    codes, start = [], 0
-    for part, part_bits in zip(x_parts, bit_parts, strict=True):
-        n = part.shape[-2]
-        r = jnp.minimum(part * inv[..., start : start + n, None], 1)
-        codes.append(_encode_part(r, part_bits))
-        start += n
-    return _join(codes)
+    xb = _blocks(jnp.where(x <= 0, 0, x), block_size)  # also turns -0.0 into +0.0; NaN stays NaN
+    r = jnp.minimum(xb * inv[..., None], 1)
+    return _encode_part(r, None if bits is None else _blocks(bits, block_size), levels)
+
+
+def _store_codes(codes: jax.Array, cols: int, bits: int) -> jax.Array:
+    """Blocks of codes as stored: 8-bit rows cut back to `cols`, 4-bit blocks packed."""
+    return _unblocks(codes, cols) if bits == 8 else _pack(codes, bits)
 
 
 def _decode_rows(q: QuantizedArray) -> jax.Array:
     """The float32 values of `q` in its row view ``lead + (cols,)``."""
-    parts, start = [], 0
-    for part in _parts(q.codes, q.block_size):
-        n = part.shape[-2]
-        parts.append(q.scale[..., start : start + n, None] * _code_value(part))
-        start += n
-    return _join(parts)
+    _, cols = _rows(q.shape, q.block_size)
+    return _unblocks(q.scale[..., None] * _code_value(_unpack(q), _levels(q.bits)), cols)
 
 
-def quantize(v: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE, bits: jax.Array | None = None) -> QuantizedArray:
-    """Quantizes non-negative `v` to 8-bit codes per block of `block_size` elements along its rows.
+def quantize(
+    v: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE, bits: jax.Array | None = None, *, code_bits: int = 8
+) -> QuantizedArray:
+    """Quantizes non-negative `v` to 8-bit (or 4-bit) codes per block of `block_size` elements along its rows.
 
-    The scale of each block is its maximum, stored as code 255. Each value is
-    rounded between its two neighbouring codes, c = floor(255·(v/s)^(1/4))
-    and c + 1, in value (not in code): to the nearer one, or, given random
-    `bits`, up with probability (v − q_c) / (q_(c+1) − q_c), which makes the
-    result unbiased.
+    The scale of each block is its maximum, stored as the top code L (255, or
+    15 for 4 bits). Each value is rounded between its two neighbouring codes,
+    c = floor(L·(v/s)^(1/4)) and c + 1, in value (not in code): to the nearer
+    one, or, given random `bits`, up with probability
+    (v − q_c) / (q_(c+1) − q_c), which makes the result unbiased.
 
     Args:
       v: float32 values >= 0 (negative values are treated as 0).
       block_size: elements per block.
-      bits: uint32 random bits shaped like the codes (``v`` in its row view,
-        see `QuantizedArray`) for stochastic rounding; None rounds to the
-        nearest code.
+      bits: uint32 random bits shaped like ``v`` in its row view (see
+        `QuantizedArray`) for stochastic rounding; None rounds to the nearest
+        code.
+      code_bits: 8, or 4 for two codes per byte.
 
     Returns:
       A `QuantizedArray`. Every non-zero value gets a non-zero code.
@@ -235,8 +295,11 @@ def quantize(v: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE, bits: jax.Array
     lead, cols = _rows(shape, block_size)
     rows = jnp.asarray(v, jnp.float32).reshape((*lead, cols))
     rows = jnp.where(rows <= 0, 0, rows)
+    if code_bits == 4 and block_size % 2:
+        raise ValueError(f"4-bit codes pack in pairs within a block: block_size must be even, got {block_size}.")
     scale = _block_maxima(rows, block_size)
-    return QuantizedArray(_encode(rows, scale, block_size, bits), scale, shape, block_size)
+    codes = _store_codes(_encode(rows, scale, block_size, bits, _levels(code_bits)), cols, code_bits)
+    return QuantizedArray(codes, scale, shape, block_size, code_bits)
 
 
 def dequantize(q: QuantizedArray, shape: Sequence[int] | None = None) -> jax.Array:
@@ -304,6 +367,10 @@ class Dense:
         del shape
         return sharding
 
+    def param_sharding(self, sharding: Any) -> Any:
+        """The parameter's sharding, given the buffer's (the same)."""
+        return sharding
+
     def load(self, stored: jax.Array, dtype: Any) -> jax.Array:
         return stored.astype(dtype)
 
@@ -324,40 +391,49 @@ class Dense:
 
 @dataclasses.dataclass(frozen=True)
 class Blockwise:
-    """A non-negative buffer as 8-bit codes with a float32 scale per block (see `QuantizedArray`).
+    r"""A non-negative buffer as 8-bit (or 4-bit) codes with a float32 scale per block (see `QuantizedArray`).
 
-    Code c of a block with scale s stands for :math:`s\\,(c/255)^4`. The new
-    scale after an average is the bound :math:`\\gamma s + (1-\\gamma)\\max x`
-    of the block's new maximum, which needs only the new inputs `x`
-    (computing the exact maximum of the new values would make XLA write them
-    out in float32 first). Codes are drawn with stochastic rounding between
-    the two neighbouring codes when `stochastic`, else to the nearest.
+    Code c of a block with scale s stands for :math:`s\,(c/L)^4` with L the
+    top code (255, or 15 for 4 bits). The new scale after an average is the
+    bound :math:`\gamma s + (1-\gamma)\max x` of the block's new maximum,
+    which needs only the new inputs `x` (computing the exact maximum of the
+    new values would make XLA write them out in float32 first). Codes are
+    drawn with stochastic rounding between the two neighbouring codes when
+    `stochastic`, else to the nearest.
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE
     stochastic: bool = True
+    bits: int = 8
 
     def _rows(self, shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
         return _rows(shape, self.block_size)
 
+    def _node(self, codes: jax.Array, scale: jax.Array, shape: Sequence[int]) -> QuantizedArray:
+        """A node from codes as blocks ``lead + (n, block_size)``."""
+        _, cols = self._rows(shape)
+        codes = _store_codes(codes, cols, self.bits)
+        return QuantizedArray(codes, scale, tuple(shape), self.block_size, self.bits)
+
     def init(self, like: jax.Array, value: Any) -> QuantizedArray:
         shape = tuple(like.shape)
         lead, cols = self._rows(shape)
-        zeros = filled_like(like, 0, jnp.float32).reshape((*lead, cols))
-        codes = (zeros + jnp.where(jnp.asarray(value) > 0, CODES, 0)).astype(jnp.uint8)
-        scale = _block_maxima(zeros, self.block_size) + jnp.asarray(value, jnp.float32)
-        return QuantizedArray(codes, scale, shape, self.block_size)
+        zeros = _blocks(filled_like(like, 0, jnp.float32).reshape((*lead, cols)), self.block_size)
+        codes = (zeros + jnp.where(jnp.asarray(value) > 0, _levels(self.bits), 0)).astype(jnp.uint8)
+        scale = block_max(zeros) + jnp.asarray(value, jnp.float32)
+        return self._node(codes, scale, shape)
 
     def shardings(self, shape: Sequence[int], sharding: Any) -> QuantizedArray:
         """Codes keep the parameter's layout in the leading axes and, when it is not merged, the last one.
 
         A block scale can follow a sharded row axis only when every shard
-        holds whole blocks; otherwise the scales are replicated along it.
+        holds whole blocks, and so can packed 4-bit codes (pairs lie within a
+        block); otherwise they are replicated along it.
         """
         shape = tuple(shape)
         lead, cols = self._rows(shape)
         if not isinstance(sharding, NamedSharding):
-            return QuantizedArray(sharding, sharding, shape, self.block_size)
+            return QuantizedArray(sharding, sharding, shape, self.block_size, self.bits)
         spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
         k = len(lead)
         row_entries = spec[k:]
@@ -365,13 +441,25 @@ class Blockwise:
         row_entry = row_entries[0] if row_entries and all(e is None for e in row_entries[1:]) else None
         if row_entry is PartitionSpec.UNCONSTRAINED:
             row_entry = None
-        scale_entry = None
+        scale_entry = code_entry = None
         if row_entry is not None:
             per_shard = cols // _axis_size(sharding.mesh, row_entry)
             scale_entry = row_entry if per_shard % self.block_size == 0 else None
-        codes = NamedSharding(sharding.mesh, PartitionSpec(*spec[:k], row_entry), memory_kind=sharding.memory_kind)
-        scale = NamedSharding(sharding.mesh, PartitionSpec(*spec[:k], scale_entry), memory_kind=sharding.memory_kind)
-        return QuantizedArray(codes, scale, shape, self.block_size)
+            # Packed 4-bit codes pair elements within a block.
+            code_entry = row_entry if self.bits == 8 else scale_entry
+
+        def on(entry: Any) -> NamedSharding:
+            return NamedSharding(sharding.mesh, PartitionSpec(*spec[:k], entry), memory_kind=sharding.memory_kind)
+
+        return QuantizedArray(on(code_entry), on(scale_entry), shape, self.block_size, self.bits)
+
+    def param_sharding(self, shardings: QuantizedArray) -> Any:
+        """The parameter's layout as the codes' shardings show it (its leading axes)."""
+        codes = shardings.codes
+        if not isinstance(codes, NamedSharding):
+            return codes
+        spec = PartitionSpec(*codes.spec[: row_split(shardings.shape, self.block_size)])
+        return NamedSharding(codes.mesh, spec, memory_kind=codes.memory_kind)
 
     def load(self, stored: QuantizedArray, dtype: Any) -> jax.Array:
         return self.decode(stored).astype(dtype)
@@ -383,15 +471,107 @@ class Blockwise:
         x_rows = x.astype(jnp.float32).reshape((*lead, cols))
         v = decay * _decode_rows(stored) + complement * x_rows
         scale = decay * stored.scale + complement * _block_maxima(x_rows, self.block_size)
-        bits = _random.random_bits(stored.codes.shape, key) if self.stochastic else None
-        codes = _encode(v, scale, self.block_size, bits)
-        return v.reshape(stored.shape), QuantizedArray(codes, scale, stored.shape, self.block_size)
+        bits = _random.random_bits(v.shape, key) if self.stochastic else None
+        codes = _encode(v, scale, self.block_size, bits, _levels(self.bits))
+        return v.reshape(stored.shape), self._node(codes, scale, stored.shape)
 
     def decode(self, stored: QuantizedArray) -> jax.Array:
         return dequantize(stored)
 
 
-Format = Dense | Blockwise
+# Adafactor's ε₁, added to the squared gradient before the row and column means so
+# that an all-zero row cannot make the estimate 0/0.
+FACTORED_EPS = 1e-30
+
+
+def factored_axes(shape: Sequence[int], min_dim: int) -> tuple[int, int] | None:
+    """The two largest axes (in axis order) when both have at least `min_dim` elements, else None.
+
+    Ties go to the later axes, as in ``optax.scale_by_factored_rms``.
+    """
+    if len(shape) < 2:
+        return None
+    order = np.argsort(np.asarray(shape), kind="stable")
+    a, b = sorted(int(i) for i in order[-2:])
+    return (a, b) if min(shape[a], shape[b]) >= min_dim else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Factored:
+    r"""A non-negative buffer as Adafactor's row and column means (a `FactoredArray`).
+
+    The average runs on the means: :math:`R \leftarrow \gamma R + (1-\gamma)
+    \mathrm{mean}_j(x_{ij} + \epsilon_1)`, :math:`C \leftarrow \gamma C +
+    (1-\gamma) \mathrm{mean}_i(x_{ij} + \epsilon_1)`, and the buffer stands for
+    :math:`\hat v_{ij} = R_i C_j / \mathrm{mean}_i R_i` (0 where the means
+    are 0). For a rank-1 input (:math:`x_{ij} = r_i c_j`) the estimate is
+    exact; in general it is the rank-1 fit that Shazeer and Stern (2018)
+    derive. Memory: n + m floats for an n × m leaf.
+    """
+
+    axes: tuple[int, int]
+
+    def _reconstruct(self, row: jax.Array, col: jax.Array) -> jax.Array:
+        a, b = self.axes
+        mean = jnp.mean(row, axis=a, keepdims=True)  # row has no axis b, so a is still a
+        r = jnp.expand_dims(row, b)
+        c = jnp.expand_dims(col, a)
+        m = jnp.expand_dims(mean, b)
+        safe = jnp.where(m > 0, m, 1)
+        return jnp.where(m > 0, (r * c) / safe, 0)
+
+    def init(self, like: jax.Array, value: Any) -> FactoredArray:
+        a, b = self.axes
+        zeros = filled_like(like, 0, jnp.float32)
+        # Means of a constant are the constant; derived from `like` so they are placed like it.
+        row = jnp.max(zeros, axis=b) + jnp.asarray(value, jnp.float32)
+        col = jnp.max(zeros, axis=a) + jnp.asarray(value, jnp.float32)
+        return FactoredArray(row, col, tuple(like.shape), self.axes)
+
+    def shardings(self, shape: Sequence[int], sharding: Any) -> FactoredArray:
+        """The means keep the parameter's layout on the axes they keep."""
+        shape = tuple(shape)
+        if not isinstance(sharding, NamedSharding):
+            return FactoredArray(sharding, sharding, shape, self.axes)
+        spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+        a, b = self.axes
+
+        def without(axis: int) -> NamedSharding:
+            kept = PartitionSpec(*(e for i, e in enumerate(spec) if i != axis))
+            return NamedSharding(sharding.mesh, kept, memory_kind=sharding.memory_kind)
+
+        return FactoredArray(without(b), without(a), shape, self.axes)
+
+    def param_sharding(self, shardings: FactoredArray) -> Any:
+        """The parameter's layout as the means' shardings show it."""
+        row, col = shardings.row, shardings.col
+        if not isinstance(row, NamedSharding) or not isinstance(col, NamedSharding):
+            return row
+        b = self.axes[1]
+        ndim = len(shardings.shape)
+        row_spec = list(row.spec) + [None] * (ndim - 1 - len(row.spec))
+        col_spec = list(col.spec) + [None] * (ndim - 1 - len(col.spec))
+        spec = [*row_spec[:b], col_spec[b - 1], *row_spec[b:]]  # col has no axis a < b
+        return NamedSharding(row.mesh, PartitionSpec(*spec), memory_kind=row.memory_kind)
+
+    def load(self, stored: FactoredArray, dtype: Any) -> jax.Array:
+        return self.decode(stored).astype(dtype)
+
+    def average(
+        self, stored: FactoredArray, x: jax.Array, decay: jax.Array, complement: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, FactoredArray]:
+        del key  # float32 means: nothing to round
+        a, b = self.axes
+        x = x.astype(jnp.float32) + jnp.float32(FACTORED_EPS)
+        row = decay * stored.row + complement * jnp.mean(x, axis=b)
+        col = decay * stored.col + complement * jnp.mean(x, axis=a)
+        return self._reconstruct(row, col), FactoredArray(row, col, stored.shape, self.axes)
+
+    def decode(self, stored: FactoredArray) -> jax.Array:
+        return self._reconstruct(stored.row, stored.col)
+
+
+Format = Dense | Blockwise | Factored
 
 
 # --------------------------------------------------------------------------- choosing formats per leaf
@@ -426,9 +606,12 @@ class Storage:
     Attributes:
       nu_dtype: the state dtype (None: follow the params, float32 for half precision).
       split_complex: complex params keep a complex ``nu`` (see `state_dtypes`).
-      state_bits: None, or 8 for a `Blockwise` ``nu`` on large real leaves.
+      state_bits: None, or 8 or 4 for a `Blockwise` ``nu`` on large real leaves.
       block_size: elements per block of the quantized ``nu``.
       stochastic: round state stored below float32 precision stochastically.
+      factored: a `Factored` ``nu`` for real leaves whose two largest axes
+        both have at least `factored_min_dim` elements (before quantizing).
+      factored_min_dim: see `factored`.
     """
 
     nu_dtype: Any = None
@@ -436,23 +619,24 @@ class Storage:
     state_bits: int | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
     stochastic: bool = True
+    factored: bool = False
+    factored_min_dim: int = DEFAULT_FACTORED_MIN_DIM
 
     def formats(self, shape: Sequence[int], param_dtype: Any) -> tuple[Format, Dense]:
         """``(format of nu, format of mu and momentum)`` for a leaf of this shape and dtype."""
         d_nu, d_signed = state_dtypes(param_dtype, self.nu_dtype, self.split_complex)
         signed = Dense(d_signed, self.stochastic)
+        real = jnp.issubdtype(jnp.dtype(d_nu), jnp.floating)
+        axes = factored_axes(shape, self.factored_min_dim) if self.factored and real else None
+        if axes is not None:
+            return Factored(axes), signed
         if self.state_bits is not None and self.quantizes(shape, d_nu):
-            return Blockwise(self.block_size, self.stochastic), signed
+            return Blockwise(self.block_size, self.stochastic, self.state_bits), signed
         return Dense(d_nu, self.stochastic), signed
 
     def stored_formats(self, nu: Any, mu: Any = None) -> tuple[Format, Dense | None]:
         """The formats of a leaf's stored ``nu`` and ``mu`` (or momentum), read from what is stored."""
-        nu_fmt: Format = (
-            Blockwise(nu.block_size, self.stochastic)
-            if isinstance(nu, QuantizedArray)
-            else Dense(nu.dtype, self.stochastic)
-        )
-        return nu_fmt, None if mu is None else Dense(mu.dtype, self.stochastic)
+        return format_of(nu, self.stochastic), None if mu is None else Dense(mu.dtype, self.stochastic)
 
     def quantizes(self, shape: Sequence[int], dtype: Any) -> bool:
         return (
@@ -462,49 +646,84 @@ class Storage:
         )
 
 
+def format_of(stored: Any, stochastic: bool = True) -> Format:
+    """The format a stored buffer (array or stored node) was written in."""
+    if isinstance(stored, QuantizedArray):
+        return Blockwise(stored.block_size, stochastic, stored.bits)
+    if isinstance(stored, FactoredArray):
+        return Factored(stored.axes)
+    return Dense(stored.dtype, stochastic)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
 def make_storage(
     nu_dtype: jnp.dtype | None,
     split_complex: bool,
     state_bits: Any,
     block_size: Any,
     stochastic_rounding: Any,
+    factored: Any = False,
+    factored_min_dim: Any = None,
 ) -> Storage:
     """Validates the storage options of `rmsprop` / `scale_by_rms`.
 
     Args:
       nu_dtype: the resolved state dtype (None: follow the params).
       split_complex: see `state_dtypes`.
-      state_bits: None, or 8 for the blockwise-quantized ``nu``.
+      state_bits: None, or 8 or 4 for the blockwise-quantized ``nu``.
       block_size: elements per quantization block (needs ``state_bits``);
-        None means 256.
+        None means 256 for 8 bits and 128 for 4.
       stochastic_rounding: None (on whenever state is stored below float32
         precision), True or False.
+      factored: True for a factored ``nu`` on large matrices.
+      factored_min_dim: the smallest size of both factored axes (needs
+        ``factored``); None means 128.
     """
-    if state_bits is not None and (isinstance(state_bits, bool) or state_bits != 8):
-        raise ValueError(f"state_bits must be None or 8, got {state_bits!r}.")
+    if state_bits is not None and (isinstance(state_bits, bool) or state_bits not in (4, 8)):
+        raise ValueError(f"state_bits must be None, 8 or 4, got {state_bits!r}.")
     if block_size is not None:
         if state_bits is None:
-            raise ValueError("block_size applies to the quantized state: pass state_bits=8 with it.")
-        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+            raise ValueError("block_size applies to the quantized state: pass state_bits=8 or 4 with it.")
+        _check_positive_int("block_size", block_size)
+        if state_bits == 4 and block_size % 2:
+            raise ValueError(f"4-bit codes pack in pairs within a block: block_size must be even, got {block_size}.")
     if stochastic_rounding is not None and not isinstance(stochastic_rounding, (bool, np.bool_)):
         raise ValueError(f"stochastic_rounding must be None, True or False, got {stochastic_rounding!r}.")
+    if not isinstance(factored, (bool, np.bool_)):
+        raise ValueError(f"factored must be True or False, got {factored!r}.")
+    if factored_min_dim is not None:
+        if not factored:
+            raise ValueError("factored_min_dim applies to the factored state: pass factored=True with it.")
+        _check_positive_int("factored_min_dim", factored_min_dim)
     stochastic = bool(stochastic_rounding) if stochastic_rounding is not None else True
-    return Storage(nu_dtype, bool(split_complex), state_bits, int(block_size or DEFAULT_BLOCK_SIZE), stochastic)
+    default_block = DEFAULT_BLOCK_SIZE_4BIT if state_bits == 4 else DEFAULT_BLOCK_SIZE
+    return Storage(
+        nu_dtype,
+        bool(split_complex),
+        state_bits,
+        int(block_size or default_block),
+        stochastic,
+        bool(factored),
+        int(factored_min_dim or DEFAULT_FACTORED_MIN_DIM),
+    )
 
 
 # --------------------------------------------------------------------------- reading the state
 
 
 def decode(nu: Any, params: Any = None) -> Any:
-    """``nu`` as plain arrays shaped like the params (quantized leaves decoded to float32).
+    """``nu`` as plain arrays shaped like the params (quantized and factored leaves decoded to float32).
 
     Args:
       nu: the ``nu`` field of a state (any tree of stored buffers).
       params: optional; if given, its leaves must match ``nu``'s in number and shape.
     """
     leaves, treedef = jax.tree.flatten(nu, is_leaf=is_stored_node)
-    out = [dequantize(x) if isinstance(x, QuantizedArray) else x for x in leaves]
+    out = [format_of(x).decode(x) if is_stored_node(x) else x for x in leaves]
     if params is not None:
         shapes = [tuple(np.shape(p)) for p in jax.tree.leaves(params)]
         if len(shapes) != len(out):

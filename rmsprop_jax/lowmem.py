@@ -1,6 +1,6 @@
-r"""Low-memory optimizer state: stochastic rounding and an 8-bit blockwise ``nu``.
+r"""Low-memory optimizer state: stochastic rounding, 8-bit and 4-bit blockwise ``nu``, factored ``nu``.
 
-Two ways to store the state in fewer bytes, selected by options of
+Ways to store the state in fewer bytes, selected by options of
 `rmsprop_jax.rmsprop` and `rmsprop_jax.scale_by_rms`:
 
 * ``nu_dtype=jnp.bfloat16`` (or ``jnp.float16``): ``nu`` (and ``mu`` and the
@@ -38,6 +38,30 @@ Two ways to store the state in fewer bytes, selected by options of
   in the state dtype. Each step dequantizes, computes the new ``nu`` and the update
   in float32, then re-quantizes.
 
+* ``state_bits=4``: the same map with 15 as the top code, :math:`v = s_B
+  (c/15)^4`, two codes per byte and a float32 scale per block of 128 by
+  default: 0.5 + 4/128 ≈ 0.53 bytes per parameter. Code 0 again stands only
+  for v = 0. With 16 codes a step of v is far below one code for any decay
+  near 1 (*signal swamping*): with round-to-nearest the stored v sticks,
+  while stochastic rounding keeps the mean unbiased at the price of
+  elementwise noise, which the square root halves in the step. Measured on
+  8,192 elements at decay 0.999, 1,500 steps of unit-scale gradients and
+  then 2,500 steps 100× smaller: the mean of the stored v ends +33 % above
+  the float32 average with round-to-nearest and +0.3 % with stochastic
+  rounding (median elementwise error 34 %; 8-bit: +0.1 %, 7 %). The fourth-power map keeps the
+  smallest code at :math:`s_B/15^4 = 2\cdot 10^{-5} s_B`, so values four
+  decades below their block maximum are still represented; a linear map
+  without a zero code would clamp everything under :math:`s_B/15` up to it.
+
+* ``factored=True``: ``nu`` of every matrix whose two largest axes both have
+  at least ``factored_min_dim`` (128) elements is kept as Adafactor's
+  running row and column means R and C of :math:`g^2 + 10^{-30}` and read as
+  :math:`\hat v_{ij} = R_i C_j / \mathrm{mean}(R)` (Shazeer and Stern,
+  *Adafactor*, ICML 2018; the axes are those ``optax.scale_by_factored_rms``
+  picks): n + m floats for an n × m matrix, 0.008 bytes per parameter at
+  1024 × 1024. It combines with ``state_bits`` (the other large leaves are
+  quantized), not with ``centered`` or ``flat``.
+
 **Random bits.** The rounding is deterministic: the bits for element i of
 buffer k (0 ``nu``, 1 ``mu``, 2 momentum) of leaf l at step t (the state's
 1-based ``count``) are
@@ -73,10 +97,11 @@ Example:
 from __future__ import annotations
 
 from rmsprop_jax._random import random_bits, step_key, stochastic_round, uniform
-from rmsprop_jax.formats import QuantizedArray, dequantize, quantize, state_bytes
+from rmsprop_jax.formats import FactoredArray, QuantizedArray, dequantize, quantize, state_bytes
 from rmsprop_jax.formats import decode as nu_values
 
 __all__ = [
+    "FactoredArray",
     "QuantizedArray",
     "dequantize",
     "nu_values",

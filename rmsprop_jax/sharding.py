@@ -146,9 +146,10 @@ def zero1_state_shardings(tree: Any, mesh: MeshLike | None = None, axis: AxisNam
     Each leaf keeps its current layout and, by the rule of `zero1_spec`, one
     more of its dimensions is split over `axis`: the largest one not sharded
     yet that the axis size divides. Leaves that cannot be split keep their
-    layout; scalars (e.g. the step count) are replicated. A quantized ``nu``
-    (`rmsprop_jax.formats.QuantizedArray`) is split as a whole: its codes and
-    scales follow the split of the parameter they stand for. The result can
+    layout; scalars (e.g. the step count) are replicated. A quantized or
+    factored ``nu`` (`rmsprop_jax.formats.QuantizedArray`, `FactoredArray`)
+    is split as a whole: its codes and scales, or row and column means,
+    follow the split of the parameter they stand for. The result can
     be given to ``jax.device_put`` and to ``jax.jit``'s ``in_shardings`` /
     ``out_shardings``.
 
@@ -185,12 +186,11 @@ def zero1_state_shardings(tree: Any, mesh: MeshLike | None = None, axis: AxisNam
     """
 
     def one(leaf: Any) -> Any:
-        if isinstance(leaf, formats.QuantizedArray):
-            base = _named(leaf.codes, mesh)
-            # The parameter's own layout is that of the codes on the leading axes.
-            param_spec = PartitionSpec(*base.spec[: formats.row_split(leaf.shape, leaf.block_size)])
-            param = NamedSharding(base.mesh, param_spec, memory_kind=base.memory_kind)
-            return formats.Blockwise(leaf.block_size).shardings(leaf.shape, _split(leaf.shape, param, axis))
+        if formats.is_stored_node(leaf):
+            # Split the parameter the node stands for, and lay the node out for that split.
+            fmt = formats.format_of(leaf)
+            param = fmt.param_sharding(jax.tree.map(lambda x: _named(x, mesh), leaf))
+            return fmt.shardings(leaf.shape, _split(leaf.shape, param, axis))
         return _split(leaf.shape, _named(leaf, mesh), axis)
 
     return jax.tree.map(one, tree, is_leaf=formats.is_stored_node)

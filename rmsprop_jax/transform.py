@@ -245,6 +245,19 @@ def needs_zero_guard(eps: Any) -> bool:
     return value is None or value < _checks.FLOAT32_TINY
 
 
+def check_factored(factored: Any, *, centered: bool, flat: bool) -> None:
+    """Rejects the options a factored nu does not combine with."""
+    if centered and factored:
+        raise ValueError(
+            "centered=True does not combine with factored=True: the factored estimate of E[g^2] is a rank-1 fit "
+            "that can fall below m^2, and the clamped variance would then give steps of lr/eps. Use one of them."
+        )
+    if flat and factored:
+        raise ValueError(
+            "factored=True needs the state per leaf (it factors matrices); flat=True stores 1-D vectors: use one."
+        )
+
+
 def check_rms_args(decay: Any, eps: Any, initial_scale: Any, nu_dtype: Any) -> jnp.dtype | None:
     """Validates the arguments shared by `scale_by_rms` and `rmsprop`."""
     _checks.check_interval("decay", decay, 0.0, 1.0, high_open=True)
@@ -267,6 +280,8 @@ def scale_by_rms(
     stochastic_rounding: bool | None = None,
     state_bits: int | None = None,
     block_size: int | None = None,
+    factored: bool = False,
+    factored_min_dim: int | None = None,
     flat: bool = False,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by the root of a running average of their squares.
@@ -310,13 +325,24 @@ def scale_by_rms(
         hold a NaN or inf: the updates are zero, the state stays as it was and
         ``state.skipped`` counts the skipped steps.
       stochastic_rounding: round state stored below float32 precision
-        (``nu_dtype`` bfloat16/float16, ``state_bits=8``) stochastically, so
+        (``nu_dtype`` bfloat16/float16, ``state_bits``) stochastically, so
         that it stays unbiased and a decay close to 1 still forgets. None
         (default) means on; see :mod:`rmsprop_jax.lowmem`.
-      state_bits: None, or 8 to store ``nu`` as 8-bit codes with a float32
-        scale per block (:class:`rmsprop_jax.lowmem.QuantizedArray`, about
-        1.02 bytes per element); leaves smaller than one block stay unquantized.
-      block_size: elements per 8-bit block (default 256; needs ``state_bits=8``).
+      state_bits: None, or 8 or 4 to store ``nu`` as 8-bit (4-bit) codes
+        with a float32 scale per block
+        (:class:`rmsprop_jax.formats.QuantizedArray`): about 1.016 (0.53)
+        bytes per element; leaves under 4096 elements stay unquantized.
+      block_size: elements per block (default 256 for 8 bits, 128 for 4;
+        needs ``state_bits``).
+      factored: store ``nu`` of leaves whose two largest axes both have at
+        least ``factored_min_dim`` elements as Adafactor's running row and
+        column means (:class:`rmsprop_jax.formats.FactoredArray`, n + m
+        floats for an n × m leaf), estimating
+        :math:`\hat v_{ij} = R_i C_j / \mathrm{mean}(R)`; other leaves keep
+        their ``nu`` format (with ``state_bits``, quantized when large).
+        Not with ``centered`` (the rank-1 estimate can fall below
+        :math:`m^2`, which would give steps of lr/ε) nor ``flat``.
+      factored_min_dim: see ``factored`` (default 128).
       flat: keep the state as one contiguous vector per dtype instead of one array per leaf,
         so that a step over many small leaves runs O(1) kernels for the state;
         same results. Read ``nu`` per leaf with
@@ -339,12 +365,15 @@ def scale_by_rms(
       lecture 6e (2012); Graves, *Generating Sequences With Recurrent Neural
       Networks*, arXiv:1308.0850 (2013), eqs. (38)-(41).
     """
+    check_factored(factored, centered=centered, flat=flat)
     if flat:  # the same transform on per-dtype vectors (rmsprop_jax.flat)
         options = dict(locals())
         del options["flat"]
         return flat_transform(lambda _: scale_by_rms(**options))
     state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
-    storage = formats.make_storage(state_dtype, split_complex, state_bits, block_size, stochastic_rounding)
+    storage = formats.make_storage(
+        state_dtype, split_complex, state_bits, block_size, stochastic_rounding, factored, factored_min_dim
+    )
     guard_zero = needs_zero_guard(eps)
 
     def build(params: optax.Params) -> ScaleByRmsState:

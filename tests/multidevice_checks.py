@@ -550,7 +550,14 @@ FORMATS: dict[str, dict[str, Any]] = {
     "8bit": dict(state_bits=8),
     "flat": dict(flat=True),
     "flat_8bit": dict(flat=True, state_bits=8),
+    "4bit": dict(state_bits=4),
+    "factored": dict(factored=True, factored_min_dim=64),
 }
+
+
+def with_moments(kw: dict[str, Any]) -> dict[str, Any]:
+    """Momentum, and centered where the format allows it (not with factored)."""
+    return {"momentum": 0.9, "centered": not kw.get("factored", False), **kw}
 
 
 def big_host_params() -> dict[str, np.ndarray]:
@@ -588,13 +595,13 @@ def assert_same_layout(got: Any, want: Any, what: str) -> None:
 def transforms(params: Any) -> dict[str, optax.GradientTransformation]:
     """Every kind of transform whose state follows the params."""
     out: dict[str, optax.GradientTransformation] = {
-        f"rmsprop[{name}]": rmsprop_jax.rmsprop(0.1, momentum=0.9, centered=True, **kw) for name, kw in FORMATS.items()
+        f"rmsprop[{name}]": rmsprop_jax.rmsprop(0.1, **with_moments(kw)) for name, kw in FORMATS.items()
     }
     out["scale_by_rms"] = rmsprop_jax.scale_by_rms(centered=True, initial_scale=1.0)
     out["chain"] = optax.chain(optax.clip_by_global_norm(1.0), rmsprop_jax.rmsprop(0.1, state_bits=8))
     out["optax.adam"] = optax.adam(0.1)
     out["multisteps"] = optax.MultiSteps(rmsprop_jax.rmsprop(0.1, momentum=0.9), every_k_schedule=2)
-    for name in ("float32", "8bit", "flat", "flat_8bit"):
+    for name in ("float32", "8bit", "flat", "flat_8bit", "4bit", "factored"):
         out[f"zero1[{name}]"] = zero1(rmsprop_jax.rmsprop(0.1, momentum=0.9, **FORMATS[name]), params)
     return out
 
@@ -641,7 +648,7 @@ def init_state_values_from_structs() -> None:
     mesh = mesh_of((N_DEVICES,), ("data",))
     params = structs(jax.device_put(big_host_params(), NamedSharding(mesh, P())))
     for name, kw in FORMATS.items():
-        tx = rmsprop_jax.rmsprop(0.1, centered=True, momentum=0.9, initial_scale=0.25, **kw)
+        tx = rmsprop_jax.rmsprop(0.1, initial_scale=0.25, **with_moments(kw))
         state = tx.init(params)
         nu = rmsprop_jax.lowmem.nu_values(state.nu)
         for leaf in jax.tree.leaves(nu):
@@ -760,7 +767,7 @@ def zero1_of_every_format_splits_and_matches() -> None:
     for name, kw in FORMATS.items():
         for axis in AXIS_TYPES:
             try:
-                make = lambda: rmsprop_jax.rmsprop(0.1, momentum=0.9, centered=True, **kw)  # noqa: E731, B023
+                make = lambda: rmsprop_jax.rmsprop(0.1, **with_moments(kw))  # noqa: E731, B023
                 device = jax.devices()[0]
                 want = stepped(
                     make(), jax.device_put(big_host_params(), device), functools.partial(jax.device_put, device=device)
@@ -770,18 +777,27 @@ def zero1_of_every_format_splits_and_matches() -> None:
                 params = jax.device_put(big_host_params(), replicated)
                 tx = zero1(make(), params)
                 got = stepped(tx, params, functools.partial(jax.device_put, device=replicated))
-                if name == "bfloat16":
-                    # Not bitwise: XLA contracts the float32 arithmetic around the bfloat16
-                    # loads into FMAs differently in the two programs (last-bit differences,
-                    # which stochastic rounding can turn into one bfloat16 ulp of the state).
+                if name in ("bfloat16", "factored"):
+                    # Not bitwise. bfloat16: XLA contracts the float32 arithmetic around the
+                    # bfloat16 loads into FMAs differently in the two programs (last-bit
+                    # differences, which stochastic rounding can turn into one bfloat16 ulp of
+                    # the state). factored: the means over a split axis are summed per shard.
                     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
                         rtol = 1e-2 if a.dtype == jnp.bfloat16 else 1e-5
-                        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol)
+                        np.testing.assert_allclose(
+                            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=1e-6
+                        )
                 else:
                     assert_bitwise(got, want, "zero1 vs unsharded")
-                moments = [getattr(got[1], m) for m in ("nu", "mu", "momentum")]
+                moments = [getattr(got[1], m) for m in ("nu", "mu", "momentum") if getattr(got[1], m) is not None]
                 # The flat vectors are split whole; otherwise the big leaf is.
                 big = moments if name.startswith("flat") else [m["w"] for m in moments]
+                if name == "factored":
+                    # w (128, 64) splits its rows: the row means split with them, the
+                    # column means (over the split axis) are replicated.
+                    assert_spec(got[1].nu["w"].row, P("data"))
+                    assert got[1].nu["w"].col.sharding.is_fully_replicated
+                    big = [m["w"] for m in moments[1:]]
                 total = rmsprop_jax.lowmem.state_bytes(big)
                 per_device = shard_bytes(big)
                 assert per_device * N_DEVICES == total, (per_device, total)

@@ -299,7 +299,7 @@ def test_8bit_state_with_the_nonfinite_guard_keeps_the_state():
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"state_bits": 4}, "state_bits"),
+        ({"state_bits": 3}, "state_bits"),
         ({"state_bits": True}, "state_bits"),
         ({"block_size": 64}, "block_size"),
         ({"state_bits": 8, "block_size": 0}, "block_size"),

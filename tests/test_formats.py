@@ -1,0 +1,205 @@
+"""The state formats below one byte per parameter: 4-bit blockwise codes and Adafactor's factored ``nu``.
+
+Expectations come from the code map's definition evaluated in float64, from
+a float64 re-implementation of the factored running means, from optax's own
+choice of factored axes, and from arithmetic on sizes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax
+from rmsprop_jax import formats, lowmem
+
+GRID_4BIT = (np.arange(16) / 15.0) ** 4  # code c stands for scale * (c / 15)^4
+
+
+def _codes(q: formats.QuantizedArray) -> np.ndarray:
+    """The 4-bit codes unpacked by hand: byte j of a block holds elements j (low nibble) and j + B/2."""
+    packed = np.asarray(q.codes)
+    blocks = packed.reshape((*packed.shape[:-1], -1, q.block_size // 2))
+    codes = np.concatenate([blocks & 15, blocks >> 4], axis=-1)
+    return codes.reshape((*packed.shape[:-1], -1))
+
+
+# --------------------------------------------------------------------------- 4-bit
+
+
+def test_4bit_packs_two_codes_per_byte_and_costs_at_most_055_byte_per_param():
+    state = rmsprop_jax.rmsprop(1e-3, state_bits=4).init({"w": jnp.zeros((256, 1024)), "b": jnp.zeros(1024)})
+    q = state.nu["w"]
+    assert isinstance(q, formats.QuantizedArray) and q.bits == 4 and q.block_size == 128
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (256, 512) and q.scale.shape == (256, 8)
+    assert lowmem.state_bytes(q) / (256 * 1024) == 0.5 + 4 / 128  # 0.53125
+    assert state.nu["b"].dtype == jnp.float32  # under 4096 elements: dense
+
+
+def test_4bit_rounds_to_the_nearest_code_and_never_to_zero():
+    rng = np.random.default_rng(0)
+    v = (10 ** rng.uniform(-12, 0, size=(4, 257))).astype(np.float32)  # odd rows: a padded half byte
+    v[:, 0] = 2.0  # the block maxima of the first blocks
+    q = formats.quantize(jnp.asarray(v), block_size=128, code_bits=4)
+    codes = _codes(q)[:, :257]
+    assert codes.min() >= 1
+    scale = np.asarray(q.scale, np.float64)
+    block_of = np.arange(257) // 128
+    ratio = v.astype(np.float64) / scale[:, block_of]
+    nearest = np.argmin(np.abs(GRID_4BIT[None, None, :] - ratio[..., None]), axis=-1)
+    representable = ratio >= GRID_4BIT[1] / 2
+    np.testing.assert_array_equal(codes[representable], nearest[representable])
+    assert np.all(codes[~representable] == 1)
+    np.testing.assert_allclose(
+        np.asarray(formats.dequantize(q), np.float64), GRID_4BIT[codes] * scale[:, block_of], rtol=1e-6
+    )
+
+
+def test_4bit_stochastic_rounding_is_unbiased():
+    rng = np.random.default_rng(1)
+    v = (10 ** rng.uniform(-4, 0, size=128)).astype(np.float32)
+    v[0] = 1.0
+    draws = 4000
+    bits = lowmem.random_bits((draws, 128), jnp.uint32(5))
+    q = formats.quantize(jnp.broadcast_to(jnp.asarray(v), (draws, 128)), 128, bits, code_bits=4)
+    got = np.asarray(formats.dequantize(q), np.float64).mean(axis=0)
+    upper = np.searchsorted(GRID_4BIT, v)
+    spacing = GRID_4BIT[np.minimum(upper, 15)] - GRID_4BIT[np.maximum(upper - 1, 0)]
+    np.testing.assert_array_less(np.abs(got - v), 5 * 0.5 * spacing / np.sqrt(draws) + 1e-12)
+
+
+def _final_nu_mean_ratio(decay=0.999, **options):
+    """Signal swamping: |g| drops 100x mid-run; decoded mean nu over float32 mean nu at the end."""
+    scales = jnp.asarray(np.concatenate([np.ones(1000), np.full(2000, 0.01)]), jnp.float32)
+
+    def final(**kw):
+        tx = rmsprop_jax.scale_by_rms(decay=decay, **kw)
+
+        def step(state, t):
+            g = jax.random.normal(jax.random.fold_in(jax.random.key(0), t[0]), (8, 1024)) * t[1]
+            return tx.update(g, state)[1], None
+
+        state = jax.jit(lambda s: jax.lax.scan(step, s, (jnp.arange(3000), scales))[0])(tx.init(jnp.zeros((8, 1024))))
+        return np.asarray(lowmem.nu_values(state.nu), np.float64)
+
+    return final(**options).mean() / final().mean()
+
+
+def test_4bit_survives_signal_swamping_and_round_to_nearest_does_not():
+    assert abs(_final_nu_mean_ratio(state_bits=4) - 1) < 0.03
+    assert _final_nu_mean_ratio(state_bits=4, stochastic_rounding=False) > 1.2
+
+
+# --------------------------------------------------------------------------- factored
+
+
+def test_factored_axes_are_optax_choice():
+    shapes = {"a": (300, 200), "b": (4, 200, 300), "c": (128, 127), "d": (1000,), "e": (130, 3, 129)}
+    params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    want = optax.scale_by_factored_rms(min_dim_size_to_factor=128).init(params)
+    got = rmsprop_jax.rmsprop(1e-3, factored=True).init(params).nu
+    for name in shapes:
+        if want.v[name].shape == (1,):  # optax factored this leaf
+            assert isinstance(got[name], formats.FactoredArray), name
+            assert {got[name].row.shape, got[name].col.shape} == {want.v_row[name].shape, want.v_col[name].shape}
+        else:
+            assert not formats.is_stored_node(got[name]) and got[name].shape == shapes[name], name
+
+
+def test_factored_state_costs_under_002_byte_per_param():
+    state = rmsprop_jax.rmsprop(1e-3, factored=True).init({"w": jnp.zeros((1024, 1024))})
+    assert lowmem.state_bytes(state.nu) / 1024**2 == 2 * 1024 * 4 / 1024**2  # 0.0078
+
+
+def test_factored_nu_follows_a_float64_reimplementation():
+    rng = np.random.default_rng(2)
+    decay, steps = 0.95, 30
+    shape = (3, 160, 200)
+    grads = (rng.normal(size=(steps, *shape)) * rng.uniform(0.1, 3, size=shape)).astype(np.float32)
+    tx = rmsprop_jax.scale_by_rms(decay=decay, factored=True, factored_min_dim=128)
+    state = tx.init(jnp.zeros(shape))
+    assert state.nu.axes == (1, 2)
+    update = jax.jit(tx.update)
+    row = np.zeros((3, 160))
+    col = np.zeros((3, 200))
+    for g in grads:
+        updates, state = update(jnp.asarray(g), state)
+        x = g.astype(np.float64) ** 2 + 1e-30
+        row = decay * row + (1 - decay) * x.mean(axis=2)
+        col = decay * col + (1 - decay) * x.mean(axis=1)
+    v = row[:, :, None] * col[:, None, :] / row.mean(axis=1)[:, None, None]
+    np.testing.assert_allclose(np.asarray(state.nu.row), row, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(state.nu.col), col, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(lowmem.nu_values(state.nu), np.float64), v, rtol=5e-5)
+    np.testing.assert_allclose(np.asarray(updates, np.float64), grads[-1] / (np.sqrt(v) + 1e-8), rtol=5e-5)
+
+
+def test_factored_estimate_is_exact_for_rank_one_squares():
+    rng = np.random.default_rng(3)
+    r, c = rng.uniform(0.5, 2, size=128), rng.uniform(0.5, 2, size=256)
+    g = jnp.asarray(np.sqrt(np.outer(r, c)), jnp.float32)
+    tx = rmsprop_jax.scale_by_rms(decay=0.9, factored=True)
+    state = tx.init(jnp.zeros((128, 256)))
+    for _ in range(3):
+        _, state = tx.update(g, state)
+    np.testing.assert_allclose(
+        np.asarray(lowmem.nu_values(state.nu), np.float64), (1 - 0.9**3) * np.outer(r, c), rtol=1e-5
+    )
+
+
+def test_factored_zero_state_gives_zero_not_nan():
+    state = rmsprop_jax.rmsprop(1e-3, factored=True).init({"w": jnp.zeros((128, 128))})
+    assert np.all(np.asarray(lowmem.nu_values(state.nu)["w"]) == 0)
+    updates, _ = rmsprop_jax.rmsprop(1e-3, factored=True).update({"w": jnp.zeros((128, 128))}, state, None)
+    assert np.all(np.asarray(updates["w"]) == 0)
+
+
+def test_factored_and_4bit_combine_per_leaf():
+    params = {"m": jnp.zeros((256, 256)), "v": jnp.zeros(8192), "s": jnp.zeros(10)}
+    nu = rmsprop_jax.rmsprop(1e-3, factored=True, state_bits=4, momentum=0.9).init(params).nu
+    assert isinstance(nu["m"], formats.FactoredArray)
+    assert isinstance(nu["v"], formats.QuantizedArray) and nu["v"].bits == 4
+    assert nu["s"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("options", [{"state_bits": 4}, {"factored": True, "state_bits": 8}])
+def test_new_formats_resume_bitwise_from_a_numpy_checkpoint(tmp_path, options):
+    rng = np.random.default_rng(4)
+    params = {"w": jnp.asarray(rng.normal(size=(256, 512)), jnp.float32)}
+    grads = [{"w": jnp.asarray(rng.normal(size=(256, 512)), jnp.float32)} for _ in range(4)]
+    tx = rmsprop_jax.rmsprop(1e-2, momentum=0.9, **options)
+    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+    p, s = params, tx.init(params)
+    for g in grads:
+        p, s = step(p, s, g)
+    q, t = params, tx.init(params)
+    for g in grads[:2]:
+        q, t = step(q, t, g)
+    leaves, treedef = jax.tree.flatten((q, t))
+    np.savez(tmp_path / "ckpt.npz", *[np.asarray(x) for x in leaves])
+    with np.load(tmp_path / "ckpt.npz") as saved:
+        q, t = jax.tree.unflatten(treedef, [jnp.asarray(saved[f"arr_{i}"]) for i in range(len(leaves))])
+    for g in grads[2:]:
+        q, t = step(q, t, g)
+    for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((q, t)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"factored": True, "centered": True}, "centered"),
+        ({"factored": True, "flat": True}, "flat"),
+        ({"factored_min_dim": 64}, "factored_min_dim"),
+        ({"factored": True, "factored_min_dim": 0}, "factored_min_dim"),
+        ({"factored": "yes"}, "factored"),
+        ({"state_bits": 4, "block_size": 127}, "even"),
+    ],
+)
+def test_factored_arguments_are_validated(options, match):
+    for make in (lambda **kw: rmsprop_jax.rmsprop(1e-3, **kw), rmsprop_jax.scale_by_rms):
+        with pytest.raises(ValueError, match=match):
+            make(**options)
