@@ -73,21 +73,25 @@ def _mask_leaves(mask: WeightDecayMask | None, params: optax.Params, treedef: ja
 
 
 def _decoupled_decay(
-    update: jax.Array, x: jax.Array, wd: jax.Array, eta: jax.Array, *, params_first: bool
+    update: jax.Array, x: jax.Array, wd: jax.Array, eta: jax.Array, *, params_first: bool | str
 ) -> jax.Array:
     """Adds ``-eta * wd * x`` to `update` (the compute-dtype update of params `x`).
 
     With `params_first` (for float32 and wider params) the decay is applied to
     the params before the step, as Keras does, and the update is returned as
     the difference of the new and old params: the same math with Keras'
-    rounding of the params. Half-precision params always take the decay inside
+    rounding of the params; ``"multiply"`` decays them as ``x * (1 - eta * wd)``
+    instead (timm's in-place form, the factor rounded once). Half-precision params always take the decay inside
     the update: rounded on its own, ``x - eta * wd * x`` is ``x`` in bfloat16
     for any realistic rate, and the decay would be lost.
     """
     x_wide = x.astype(update.dtype)
     if not params_first or jnp.finfo(x.dtype).bits < 32:
         return update - eta * wd * x_wide
-    decayed = (x_wide - x_wide * wd * eta).astype(x.dtype)  # Keras' order: (x * wd) * lr
+    if params_first == "multiply":
+        decayed = (x_wide * (1 - eta * wd)).astype(x.dtype)
+    else:
+        decayed = (x_wide - x_wide * wd * eta).astype(x.dtype)  # Keras' order: (x * wd) * lr
     stepped = (decayed.astype(update.dtype) + update).astype(x.dtype)
     return stepped.astype(update.dtype) - x_wide
 
@@ -100,6 +104,7 @@ def rmsprop(
     eps_in_sqrt: bool = False,
     initial_scale: chex.Numeric = 0.0,
     centered: bool = False,
+    centered_average: str = "lerp",
     momentum: chex.Numeric | None = None,
     nesterov: bool = False,
     lr_in_momentum: bool = True,
@@ -107,7 +112,7 @@ def rmsprop(
     weight_decay: chex.Numeric = 0.0,
     decoupled_weight_decay: bool = False,
     weight_decay_mask: WeightDecayMask | None = None,
-    decay_params_first: bool = False,
+    decay_params_first: bool | str = False,
     nu_dtype: Any = None,
     split_complex: bool = False,
     skip_nonfinite: bool = False,
@@ -154,6 +159,10 @@ def rmsprop(
       eps_in_sqrt: put eps inside the square root.
       initial_scale: starting value of ``nu``, >= 0 (TF1 uses 1.0).
       centered: normalise by the running standard deviation (Graves, 2013).
+      centered_average: how the gradient average of ``centered`` is rounded:
+        ``"lerp"`` (default; PyTorch's and TF's kernels, exact at both ends
+        of the decay) or ``"weighted"``, :math:`\gamma m + (1-\gamma) g`
+        (Keras 3). The same value up to the last bit.
       momentum: momentum coefficient in [0, 1), or None for no momentum
         (and no momentum buffer).
       nesterov: use Nesterov momentum (needs ``momentum``).
@@ -171,8 +180,10 @@ def rmsprop(
         function from params to one, selecting the leaves to decay.
       decay_params_first: with decoupled weight decay and float32 or wider
         params, decay the params before the step and return the difference of
-        the new and old params (Keras' rounding; the updates are then rounded
-        to the params' precision). For exact parity with Keras.
+        the new and old params (Keras' rounding, ``x - (x·λ)·η``; the updates
+        are then rounded to the params' precision). ``"multiply"`` decays
+        them as ``x·(1 - η·λ)`` instead (timm's in-place rounding). For exact
+        parity with those frameworks.
       nu_dtype: dtype of the state (``nu``, ``mu`` and momentum). None keeps
         the params' precision, except bfloat16/float16 params get float32.
         For a smaller state prefer bfloat16: float16's range ends near 6e-8,
@@ -235,6 +246,10 @@ def rmsprop(
       Weight Decay Regularization*, ICLR 2019.
     """
     check_factored(factored, centered=centered, flat=flat)
+    if centered_average not in ("lerp", "weighted"):
+        raise ValueError(f'centered_average must be "lerp" or "weighted", got {centered_average!r}.')
+    if not (isinstance(decay_params_first, bool) or decay_params_first == "multiply"):
+        raise ValueError(f'decay_params_first must be False, True or "multiply", got {decay_params_first!r}.')
     if flat:  # the same transform on per-dtype vectors (rmsprop_jax.flat)
         options = dict(locals())
         del options["flat"], options["weight_decay_mask"]
@@ -319,6 +334,7 @@ def rmsprop(
                 storage=storage,
                 eps_in_sqrt=eps_in_sqrt,
                 centered=centered,
+                centered_average=centered_average,
                 bias_correction=bias_correction,
                 guard_zero=guard_zero,
                 # Without momentum the update is -eta * g / denominator, with the division last.

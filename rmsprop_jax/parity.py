@@ -164,8 +164,6 @@ class Case:
         weight_decay = options.get("weight_decay") or 0.0
         if self.framework == "timm_tf" and options.get("decoupled_decay") and weight_decay > 0:
             return GAPS["timm-decay-form"]
-        if self.framework == "keras" and options.get("centered"):
-            return GAPS["gradient-average-form"]
         return None
 
     def __str__(self) -> str:
@@ -188,19 +186,12 @@ class Gap:
 
 
 GAPS = {
-    "gradient-average-form": Gap(
-        "gradient-average-form",
-        "the centered gradient average is rounded in another form",
-        "Keras averages gradients as rho*m + (1 - rho)*g; the core, like PyTorch and the TF kernels, uses "
-        "m + (1 - rho)*(g - m). The two differ in the last bit, and the centered variance v - m^2 cancels "
-        "and amplifies that difference to just above 1e-6 over 200 steps in some cases.",
-    ),
     "timm-decay-form": Gap(
         "timm-decay-form",
-        "timm rounds its decoupled decay in another form",
-        "timm decays the params in place as x*(1 - lr*wd), with 1 - lr*wd rounded once; the core also applies "
-        "decoupled decay to the params before the step, but in Keras' form x - (x*wd)*lr, so the params round "
-        "differently each step.",
+        "with decoupled decay, timm's own rounding of the step accumulates",
+        "timm decays the params in place as x*(1 - lr*wd) before the step, which the preset reproduces "
+        '(decay_params_first="multiply"); what remains is timm\'s multi-tensor kernel rounding its step as '
+        "(g/D)*lr and its average as v + (1 - alpha)*(g^2 - v), which the decayed params carry from step to step.",
     ),
 }
 

@@ -305,7 +305,8 @@ def keras(
     Mapping: the clipping above, then ``rmsprop(learning_rate, decay=rho,
     eps=epsilon, eps_in_sqrt=True, centered=centered, momentum=momentum or
     None, lr_in_momentum=True, weight_decay=weight_decay,
-    decoupled_weight_decay=True, decay_params_first=True)``. Keras decays the
+    decoupled_weight_decay=True, decay_params_first=True,
+    centered_average="weighted")``. Keras decays the
     params before the step, which is the same arithmetic as adding the decay
     to the update (the Keras step does not read the params);
     ``decay_params_first`` reproduces its rounding of the params too.
@@ -363,6 +364,7 @@ def keras(
         eps_in_sqrt=True,
         initial_scale=0.0,
         centered=centered,
+        centered_average="weighted",
         momentum=_momentum_or_none(momentum),
         lr_in_momentum=True,
         weight_decay=0.0 if weight_decay is None else weight_decay,
@@ -586,7 +588,9 @@ def timm_tf(
     Mapping: ``rmsprop(lr, decay=alpha, eps=eps, eps_in_sqrt=True,
     initial_scale=1.0, centered=centered, momentum=momentum or None,
     lr_in_momentum=lr_in_momentum, weight_decay=weight_decay,
-    decoupled_weight_decay=decoupled_decay)``. timm's ``caution`` and
+    decoupled_weight_decay=decoupled_decay, decay_params_first="multiply"
+    if decoupled_decay else False)`` (timm decays the params in place before
+    the step). timm's ``caution`` and
     ``corrected_weight_decay`` options are not covered.
 
     Args:
@@ -637,6 +641,7 @@ def timm_tf(
         lr_in_momentum=lr_in_momentum,
         weight_decay=weight_decay,
         decoupled_weight_decay=decoupled_decay,
+        decay_params_first="multiply" if decoupled_decay else False,
     )
 
 

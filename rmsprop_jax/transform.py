@@ -146,6 +146,7 @@ def rms_scale_leaf(
     bias_correction: bool,
     guard_zero: bool,
     numerator: Any = None,
+    centered_average: str = "lerp",
 ) -> tuple[jax.Array, Any, jax.Array | None]:
     """One leaf of the RMS step, in at least float32.
 
@@ -158,6 +159,7 @@ def rms_scale_leaf(
       leaf: the leaf's index (for the random bits).
       storage: the state formats.
       guard_zero: define 0/0 as 0, needed when eps may be zero.
+      centered_average: "lerp" or "weighted", see `rmsprop_jax.rmsprop`.
       numerator: None, or a scalar c: return ``(c * g) / denominator`` instead
         of ``g / denominator``. Folding a learning rate into the numerator
         makes the division the last operation, so that no compiler can fuse
@@ -177,6 +179,7 @@ def rms_scale_leaf(
         bias_correction=bias_correction,
         guard_zero=guard_zero,
         numerator=numerator,
+        centered_average=centered_average,
     )
     if not formats.is_stored_node(nu) and jnp.iscomplexobj(nu):
         # Split complex: run the real rule on (re, im) pairs and pack back.
@@ -208,7 +211,9 @@ def rms_scale_leaf(
         assert mu is not None and signed_fmt is not None
         # The interpolation form (PyTorch's lerp, TF's kernels) keeps the average of a
         # constant gradient exactly constant, and is exact at decay 0.
-        mu_new = lerp(signed_fmt.load(mu, g.dtype), g, complement)
+        mu_old = signed_fmt.load(mu, g.dtype)
+        # "weighted" (Keras 3) rounds the same average as decay * m + (1 - decay) * g.
+        mu_new = decay * mu_old + complement * g if centered_average == "weighted" else lerp(mu_old, g, complement)
         m_hat = mu_new if correction is None else mu_new * correction
         m_squared = (jnp.conj(m_hat) * m_hat).real if jnp.iscomplexobj(m_hat) else m_hat * m_hat
         # Rounding can make v - m^2 slightly negative (constant gradients do it

@@ -653,3 +653,38 @@ def test_decay_params_first_keeps_the_decay_in_the_update_for_bfloat16():
     u_first, _ = first.update(grads, first.init(params), params)
     u_default, _ = default.update(grads, default.init(params), params)
     np.testing.assert_array_equal(np.asarray(u_first["w"]), np.asarray(u_default["w"]))
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"centered_average": "keras"}, "centered_average"),
+        ({"decay_params_first": "divide"}, "decay_params_first"),
+        ({"decay_params_first": 1}, "decay_params_first"),
+    ],
+)
+def test_rounding_form_options_are_validated(options, match):
+    with pytest.raises(ValueError, match=match):
+        rmsprop_jax.rmsprop(1e-3, **options)
+
+
+def test_rounding_forms_compute_the_same_values():
+    """The forms differ only in rounding: every pair agrees to float32 precision, and each is a real change."""
+    rng = np.random.default_rng(11)
+    params = {"w": jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)}
+    grads = [{"w": jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)} for _ in range(20)]
+
+    def run(**options):
+        tx = rmsprop_jax.rmsprop(0.05, centered=True, weight_decay=0.1, decoupled_weight_decay=True, **options)
+        step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+        p, s = params, tx.init(params)
+        for g in grads:
+            p, s = step(p, s, g)
+        return np.asarray(p["w"], np.float64), np.asarray(s.mu["w"], np.float64)
+
+    base = run()
+    for options in ({"centered_average": "weighted"}, {"decay_params_first": True}, {"decay_params_first": "multiply"}):
+        got = run(**options)
+        for a, b in zip(got, base, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(options))
+        assert any(not np.array_equal(a, b) for a, b in zip(got, base, strict=True)), options
