@@ -339,14 +339,17 @@ def rmsprop(
                 guard_zero=guard_zero,
                 # Without momentum the update is -eta * g / denominator, with the division last.
                 numerator=-eta if b is None else None,
+                twin=nesterov and b is not None and not jnp.iscomplexobj(g32),
             )
+            s, s_twin = s if isinstance(s, tuple) else (s, s)
             if b is None:
                 update = s
             else:
                 mom = jnp.asarray(momentum, real)
                 step = eta * s if lr_in_momentum else s
                 b_new = mom * b.astype(cdtype) + step
-                direction = mom * b_new + step if nesterov else b_new
+                # The twin (the same value) lets XLA recompute the step next to the params.
+                direction = mom * b_new + (eta * s_twin if lr_in_momentum else s_twin) if nesterov else b_new
                 update = -direction if lr_in_momentum else -eta * direction
                 _, b_fmt = storage.stored_formats(nu, b)
                 assert b_fmt is not None

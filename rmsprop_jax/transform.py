@@ -147,7 +147,8 @@ def rms_scale_leaf(
     guard_zero: bool,
     numerator: Any = None,
     centered_average: str = "lerp",
-) -> tuple[jax.Array, Any, jax.Array | None]:
+    twin: bool = False,
+) -> tuple[Any, Any, jax.Array | None]:
     """One leaf of the RMS step, in at least float32.
 
     Args:
@@ -160,6 +161,13 @@ def rms_scale_leaf(
       storage: the state formats.
       guard_zero: define 0/0 as 0, needed when eps may be zero.
       centered_average: "lerp" or "weighted", see `rmsprop_jax.rmsprop`.
+      twin: return ``(s, s_twin)`` in place of ``s``, where ``s_twin`` has the
+        same value bit for bit but is computed by separate operations from
+        the new state. A step that needs ``s`` in two fused loops (Nesterov:
+        the momentum buffer and the params) can then recompute it in each
+        instead of XLA writing it out as a parameter-sized temporary: XLA
+        does not duplicate a square root or a division into two consumers,
+        and common-subexpression elimination would merge identical ones.
       numerator: None, or a scalar c: return ``(c * g) / denominator`` instead
         of ``g / denominator``. Folding a learning rate into the numerator
         makes the division the last operation, so that no compiler can fuse
@@ -182,6 +190,8 @@ def rms_scale_leaf(
         centered_average=centered_average,
     )
     if not formats.is_stored_node(nu) and jnp.iscomplexobj(nu):
+        if twin:
+            raise ValueError("twin is not available for complex state.")
         # Split complex: run the real rule on (re, im) pairs and pack back.
         s, nu_pairs, mu_pairs = rms_scale_leaf(
             _as_pairs(g), _as_pairs(nu), None if mu is None else _as_pairs(mu), count, decay, eps, **kwargs
@@ -223,10 +233,17 @@ def rms_scale_leaf(
     # With eps in the root, XLA would rewrite x / sqrt(y) as x * rsqrt(y), and a product can
     # fuse with a later ``params + updates`` into one FMA in some programs and not others;
     # the max (an identity here, NaN included) keeps the division.
-    denominator = jnp.maximum(jnp.sqrt(v_hat + eps), 0) if eps_in_sqrt else jnp.sqrt(v_hat) + eps
-    s = (g if numerator is None else jnp.asarray(numerator, real) * g) / denominator
-    if guard_zero:
-        s = jnp.where(g == 0, jnp.zeros_like(s), s)
+    scaled = g if numerator is None else jnp.asarray(numerator, real) * g
+
+    def rescale(v: jax.Array) -> jax.Array:
+        denominator = jnp.maximum(jnp.sqrt(v + eps), 0) if eps_in_sqrt else jnp.sqrt(v) + eps
+        out = scaled / denominator
+        return jnp.where(g == 0, jnp.zeros_like(out), out) if guard_zero else out
+
+    s = rescale(v_hat)
+    if twin:
+        # |v| is v for every v >= 0 (v_hat is never negative), but another operation.
+        return (s, rescale(jnp.abs(v_hat))), nu_out, mu_out
     return s, nu_out, mu_out
 
 

@@ -688,3 +688,24 @@ def test_rounding_forms_compute_the_same_values():
         for a, b in zip(got, base, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(options))
         assert any(not np.array_equal(a, b) for a, b in zip(got, base, strict=True)), options
+
+
+@pytest.mark.parametrize("lr_in_momentum", [True, False])
+def test_nesterov_step_needs_no_parameter_sized_temporary(lr_in_momentum):
+    """Nesterov's step feeds the buffer and the params; it is recomputed in each loop, never written out."""
+    n = 1 << 20
+    params = {"w": jnp.ones(n)}
+
+    def temp_bytes(tx):
+        state = tx.init(params)
+
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    kwargs = dict(momentum=0.9, lr_in_momentum=lr_in_momentum)
+    assert temp_bytes(optax.rmsprop(1e-3, momentum=0.9, nesterov=True)) >= 4 * n  # the control: optax writes it
+    assert temp_bytes(rmsprop_jax.rmsprop(1e-3, nesterov=True, **kwargs)) < 4 * n // 100
