@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_cli.positive_float,
         default=DEFAULT_TIMEOUT,
         help="wall-clock limit of each launch in seconds (default: %(default)s)",
     )

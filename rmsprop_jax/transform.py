@@ -203,7 +203,9 @@ def rms_scale_leaf(
     # rounded (as optax, PyTorch and Keras 3 do): float32(1 - 0.999) is 0.001,
     # while 1 - float32(0.999) is 1.3e-5 away from it. An array decay is used
     # as given, so its complement is computed in its own dtype (as TF1 does).
-    complement = jnp.asarray(1 - decay, real)
+    # Kept as given too: a Python weight lets `lerp` pick its branch while tracing.
+    weight = 1 - decay
+    complement = jnp.asarray(weight, real)
     decay = jnp.asarray(decay, real)
     eps = jnp.asarray(eps, real)
     # |g|^2 for complex g: one real magnitude per element (stored real).
@@ -223,7 +225,7 @@ def rms_scale_leaf(
         # constant gradient exactly constant, and is exact at decay 0.
         mu_old = signed_fmt.load(mu, g.dtype)
         # "weighted" (Keras 3) rounds the same average as decay * m + (1 - decay) * g.
-        mu_new = decay * mu_old + complement * g if centered_average == "weighted" else lerp(mu_old, g, complement)
+        mu_new = decay * mu_old + complement * g if centered_average == "weighted" else lerp(mu_old, g, weight)
         m_hat = mu_new if correction is None else mu_new * correction
         m_squared = (jnp.conj(m_hat) * m_hat).real if jnp.iscomplexobj(m_hat) else m_hat * m_hat
         # Rounding can make v - m^2 slightly negative (constant gradients do it
