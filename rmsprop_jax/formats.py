@@ -93,11 +93,12 @@ class QuantizedArray:
     be shorter); a block stores one float32 scale and one code per element.
 
     Attributes:
-      codes: uint8, shape ``lead + (cols,)`` with ``lead`` the leading axes of
-        the array: one code per byte (8 bits); or two per byte (4 bits), shape
-        ``lead + (blocks per row · block_size / 2,)``: byte j of a block holds
-        element j in its low nibble and element j + block_size/2 in its high
-        one (the last block of a row padded with zero codes).
+      codes: uint8. 8 bits: one code per byte, shape ``lead + (cols,)`` with
+        ``lead`` the leading axes of the array. 4 bits: two codes per byte,
+        rows 2i and 2i + 1 of the first leading axis in the low and high
+        nibbles of row i, shape ``(ceil(lead[0] / 2),) + lead[1:] + (cols,)``
+        (an odd last row is paired with zero codes). An array that is a single
+        row is cut into rows of one block for 4-bit codes (`quantized_view`).
       scale: float32, shape ``lead + (blocks per row,)``: each block's scale,
         an upper bound of its values.
       shape: the shape of the array the codes stand for (static).
@@ -135,7 +136,7 @@ def is_stored_node(x: Any) -> bool:
     return isinstance(x, (QuantizedArray, FactoredArray))
 
 
-# --------------------------------------------------------------------------- the blocked view
+# --------------------------------------------------------------------------- the row view
 
 
 def row_split(shape: Sequence[int], block_size: int) -> int:
@@ -150,27 +151,36 @@ def row_split(shape: Sequence[int], block_size: int) -> int:
     return max(k, 0)
 
 
-def _rows(shape: Sequence[int], block_size: int) -> tuple[tuple[int, ...], int]:
-    k = row_split(shape, block_size)
-    return tuple(shape[:k]), math.prod(shape[k:])
+def quantized_view(shape: Sequence[int], block_size: int, bits: int = 8) -> tuple[tuple[int, ...], int] | None:
+    """``(lead, cols)``: the array viewed as rows of `cols` elements under leading axes `lead`.
 
-
-def _blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """Rows ``lead + (cols,)`` as whole blocks ``lead + (n, block_size)``, the last one padded with zeros.
-
-    A pad (rather than a short last block handled apart) keeps every step one
-    fused loop over the blocks.
+    The rows are the trailing axis, or the trailing axes merged (see
+    `row_split`). 4-bit codes pair rows along the first leading axis; an
+    array that is a single row is cut into rows of one block each for them,
+    and None means it cannot be (its length is not a multiple of the block).
     """
-    cols = x.shape[-1]
-    n = -(-cols // block_size)
-    if n * block_size != cols:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n * block_size - cols)])
-    return x.reshape((*x.shape[:-1], n, block_size))
+    k = row_split(shape, block_size)
+    lead, cols = tuple(shape[:k]), math.prod(shape[k:])
+    if bits == 4 and not lead:
+        return ((cols // block_size,), block_size) if cols % block_size == 0 else None
+    return lead, cols
 
 
-def _unblocks(xb: jax.Array, cols: int) -> jax.Array:
-    """Inverse of `_blocks`."""
-    return xb.reshape((*xb.shape[:-2], -1))[..., :cols]
+def _view(q: QuantizedArray) -> tuple[tuple[int, ...], int]:
+    view = quantized_view(q.shape, q.block_size, q.bits)
+    assert view is not None  # a stored node only exists for shapes that have a view
+    return view
+
+
+def _repeat(scale: jax.Array, block_size: int, cols: int) -> jax.Array:
+    """Each block's scale repeated over its elements, ``lead + (cols,)``.
+
+    A broadcast and a slice rather than a padded ``(blocks, block_size)``
+    view: XLA fuses it into the element loops, where a padded view would make
+    it write out padded copies of the inputs.
+    """
+    wide = jnp.broadcast_to(scale[..., None], (*scale.shape, block_size))
+    return wide.reshape((*scale.shape[:-1], -1))[..., :cols]
 
 
 def block_max(blocks: jax.Array) -> jax.Array:
@@ -188,10 +198,23 @@ def block_max(blocks: jax.Array) -> jax.Array:
 
 
 def _block_maxima(x: jax.Array, block_size: int) -> jax.Array:
-    return block_max(_blocks(x, block_size))  # the zero padding never exceeds a maximum of values >= 0
+    """The maximum of each block of the rows of `x` (``lead + (cols,)``); the last block of a row may be shorter."""
+    cols = x.shape[-1]
+    whole = cols // block_size
+    parts = []
+    if whole:
+        parts.append(block_max(x[..., : whole * block_size].reshape((*x.shape[:-1], whole, block_size))))
+    if whole * block_size < cols:
+        parts.append(jnp.max(x[..., whole * block_size :], axis=-1, keepdims=True))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
-# --------------------------------------------------------------------------- the 8-bit code map
+def _inverse(scale: jax.Array) -> jax.Array:
+    """1 / scale, 0 where the scale is 0 (an all-zero block)."""
+    return jnp.where(scale > 0, 1 / jnp.where(scale > 0, scale, 1), 0)
+
+
+# --------------------------------------------------------------------------- the code map
 
 # Code c of a b-bit map stands for s·(c/L)^4, with s the block scale and L = 2^b - 1
 # the top code (255 or 15).
@@ -220,45 +243,62 @@ def _encode_part(r: jax.Array, bits: jax.Array | None, levels: int) -> jax.Array
     return code.astype(jnp.uint8)
 
 
-def _pack(codes: jax.Array, bits: int) -> jax.Array:
-    """Codes ``lead + (n, block_size)`` as stored: one per byte (8 bits, rows unpadded), or two per byte (4 bits).
+def _encode(x: jax.Array, inverse: jax.Array, bits: jax.Array | None, levels: int) -> jax.Array:
+    """Codes of non-negative `x` given 1/scale repeated over its elements (`inverse`), elementwise."""
+    r = jnp.minimum(jnp.where(x <= 0, 0, x) * inverse, 1)  # also turns -0.0 into +0.0; NaN stays NaN
+    return _encode_part(r, bits, levels)
 
-    4-bit codes pair element j of a block with element j + block_size/2 (low
-    and high nibble): both halves are contiguous, so packing and unpacking
-    stay simple vector loops.
+
+# --------------------------------------------------------------------------- 4-bit pairs of rows
+
+
+def _paired(x: jax.Array, k: int) -> jax.Array:
+    """Rows k, k + 2, k + 4, ... of `x` along its first axis (an odd count padded with a zero row).
+
+    Row 2i of a 4-bit array sits in the low nibbles of packed row i and row
+    2i + 1 in the high ones. Pairing rows (not neighbouring elements) keeps
+    every loop over a row contiguous, so packing and unpacking vectorize, and
+    keeps each pair with its rows when the first axis is sharded.
     """
-    if bits == 8:
-        return codes
-    half = codes.shape[-1] // 2
-    packed = codes[..., :half] | (codes[..., half:] << 4)
-    return packed.reshape((*packed.shape[:-2], -1))
+    if x.shape[0] % 2:
+        x = jnp.pad(x, [(0, 1)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((x.shape[0] // 2, 2, *x.shape[1:]))[:, k]
 
 
-def _unpack(q: QuantizedArray) -> jax.Array:
-    """The codes of `q` as whole blocks ``lead + (n, block_size)``."""
+def _pack(code_of_pair: Any) -> jax.Array:
+    """Packed 4-bit codes from ``code_of_pair(k)``, the uint8 codes of the rows `_paired(., k)`."""
+    return code_of_pair(0) | (code_of_pair(1) << 4)
+
+
+def _codes(q: QuantizedArray) -> jax.Array:
+    """The codes of `q` in its row view ``lead + (cols,)``, one per element."""
+    lead, cols = _view(q)
     if q.bits == 8:
-        return _blocks(q.codes, q.block_size)
-    packed = q.codes.reshape((*q.codes.shape[:-1], -1, q.block_size // 2))
-    return jnp.concatenate([packed & 15, packed >> 4], axis=-1)
-
-
-def _encode(x: jax.Array, scale: jax.Array, block_size: int, bits: jax.Array | None, levels: int = CODES) -> jax.Array:
-    """Codes (one per byte) of non-negative `x` (``lead + (cols,)``) as blocks ``lead + (n, block_size)``."""
-    inv = jnp.where(scale > 0, 1 / jnp.where(scale > 0, scale, 1), 0)
-    xb = _blocks(jnp.where(x <= 0, 0, x), block_size)  # also turns -0.0 into +0.0; NaN stays NaN
-    r = jnp.minimum(xb * inv[..., None], 1)
-    return _encode_part(r, None if bits is None else _blocks(bits, block_size), levels)
-
-
-def _store_codes(codes: jax.Array, cols: int, bits: int) -> jax.Array:
-    """Blocks of codes as stored: 8-bit rows cut back to `cols`, 4-bit blocks packed."""
-    return _unblocks(codes, cols) if bits == 8 else _pack(codes, bits)
+        return q.codes.reshape((*lead, cols))
+    packed = q.codes.astype(jnp.int32)
+    both = jnp.broadcast_to(packed[:, None], (packed.shape[0], 2, *packed.shape[1:]))
+    shift = jax.lax.broadcasted_iota(jnp.int32, both.shape, 1) * 4  # the same for a whole row
+    return ((both >> shift) & 15).reshape((-1, *packed.shape[1:]))[: lead[0]]
 
 
 def _decode_rows(q: QuantizedArray) -> jax.Array:
     """The float32 values of `q` in its row view ``lead + (cols,)``."""
-    _, cols = _rows(q.shape, q.block_size)
-    return _unblocks(q.scale[..., None] * _code_value(_unpack(q), _levels(q.bits)), cols)
+    _, cols = _view(q)
+    return _repeat(q.scale, q.block_size, cols) * _code_value(_codes(q), _levels(q.bits))
+
+
+def _store(rows: jax.Array, scale: jax.Array, block_size: int, code_bits: int, bits: jax.Array | None) -> jax.Array:
+    """The stored codes of `rows` (``lead + (cols,)``) given the new block scales and row-view random `bits`."""
+    cols = rows.shape[-1]
+    inverse = _inverse(scale)
+    if code_bits == 8:
+        return _encode(rows, _repeat(inverse, block_size, cols), bits, CODES)
+
+    def code_of_pair(k: int) -> jax.Array:
+        pair_bits = None if bits is None else _paired(bits, k)
+        return _encode(_paired(rows, k), _repeat(_paired(inverse, k), block_size, cols), pair_bits, 15)
+
+    return _pack(code_of_pair)
 
 
 def quantize(
@@ -292,13 +332,19 @@ def quantize(
       Array([4.0000000e+00, 9.9309164e-01, 9.4601793e-10, 0.0000000e+00], dtype=float32)
     """
     shape = tuple(np.shape(v))
-    lead, cols = _rows(shape, block_size)
+    if code_bits == 4 and block_size % 2:
+        raise ValueError(f"4-bit codes pack in pairs: block_size must be even, got {block_size}.")
+    view = quantized_view(shape, block_size, code_bits)
+    if view is None:
+        raise ValueError(
+            f"4-bit codes need rows to pair: an array of shape {shape} is one row whose length is not a "
+            f"multiple of block_size={block_size}; use 8-bit codes for it."
+        )
+    lead, cols = view
     rows = jnp.asarray(v, jnp.float32).reshape((*lead, cols))
     rows = jnp.where(rows <= 0, 0, rows)
-    if code_bits == 4 and block_size % 2:
-        raise ValueError(f"4-bit codes pack in pairs within a block: block_size must be even, got {block_size}.")
     scale = _block_maxima(rows, block_size)
-    codes = _store_codes(_encode(rows, scale, block_size, bits, _levels(code_bits)), cols, code_bits)
+    codes = _store(rows, scale, block_size, code_bits, bits)
     return QuantizedArray(codes, scale, shape, block_size, code_bits)
 
 
@@ -406,60 +452,72 @@ class Blockwise:
     stochastic: bool = True
     bits: int = 8
 
-    def _rows(self, shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
-        return _rows(shape, self.block_size)
-
-    def _node(self, codes: jax.Array, scale: jax.Array, shape: Sequence[int]) -> QuantizedArray:
-        """A node from codes as blocks ``lead + (n, block_size)``."""
-        _, cols = self._rows(shape)
-        codes = _store_codes(codes, cols, self.bits)
-        return QuantizedArray(codes, scale, tuple(shape), self.block_size, self.bits)
+    def _view(self, shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
+        view = quantized_view(shape, self.block_size, self.bits)
+        if view is None:
+            raise ValueError(f"no {self.bits}-bit view of shape {tuple(shape)} with block_size={self.block_size}.")
+        return view
 
     def init(self, like: jax.Array, value: Any) -> QuantizedArray:
         shape = tuple(like.shape)
-        lead, cols = self._rows(shape)
-        zeros = _blocks(filled_like(like, 0, jnp.float32).reshape((*lead, cols)), self.block_size)
-        codes = (zeros + jnp.where(jnp.asarray(value) > 0, _levels(self.bits), 0)).astype(jnp.uint8)
-        scale = block_max(zeros) + jnp.asarray(value, jnp.float32)
-        return self._node(codes, scale, shape)
+        lead, cols = self._view(shape)
+        zeros = filled_like(like, 0, jnp.float32).reshape((*lead, cols))
+        top = (zeros + jnp.where(jnp.asarray(value) > 0, _levels(self.bits), 0)).astype(jnp.uint8)
+        codes = top if self.bits == 8 else _pack(lambda k: _paired(top, k))
+        scale = _block_maxima(zeros, self.block_size) + jnp.asarray(value, jnp.float32)
+        return QuantizedArray(codes, scale, shape, self.block_size, self.bits)
 
     def shardings(self, shape: Sequence[int], sharding: Any) -> QuantizedArray:
-        """Codes keep the parameter's layout in the leading axes and, when it is not merged, the last one.
+        """Codes and scales keep the parameter's layout in the leading axes and, when it is not merged, the last one.
 
         A block scale can follow a sharded row axis only when every shard
-        holds whole blocks, and so can packed 4-bit codes (pairs lie within a
-        block); otherwise they are replicated along it.
+        holds whole blocks; otherwise it is replicated along it. Packed 4-bit
+        codes can follow a sharded first axis only when every shard holds
+        whole pairs of rows. An array cut into rows of one block (4 bits)
+        keeps the layout of its first axis on the rows.
         """
         shape = tuple(shape)
-        lead, cols = self._rows(shape)
+        lead, cols = self._view(shape)
         if not isinstance(sharding, NamedSharding):
             return QuantizedArray(sharding, sharding, shape, self.block_size, self.bits)
         spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-        k = len(lead)
-        row_entries = spec[k:]
-        # A merged row axis is laid out like its major part when the minor parts are whole.
-        row_entry = row_entries[0] if row_entries and all(e is None for e in row_entries[1:]) else None
+        k = row_split(shape, self.block_size)
+        if k == len(lead):
+            lead_entries = spec[:k]
+            # A merged row axis is laid out like its major part when the minor parts are whole.
+            row_entries = spec[k:]
+            row_entry = row_entries[0] if row_entries and all(e is None for e in row_entries[1:]) else None
+        else:  # one row cut into rows of one block
+            whole = all(e is None for e in spec[1:]) and spec[0] not in (None, PartitionSpec.UNCONSTRAINED)
+            lead_entries = [spec[0] if whole and lead[0] % _axis_size(sharding.mesh, spec[0]) == 0 else None]
+            row_entry = None
         if row_entry is PartitionSpec.UNCONSTRAINED:
             row_entry = None
-        scale_entry = code_entry = None
-        if row_entry is not None:
-            per_shard = cols // _axis_size(sharding.mesh, row_entry)
-            scale_entry = row_entry if per_shard % self.block_size == 0 else None
-            # Packed 4-bit codes pair elements within a block.
-            code_entry = row_entry if self.bits == 8 else scale_entry
+        scale_entry = None
+        if row_entry is not None and (cols // _axis_size(sharding.mesh, row_entry)) % self.block_size == 0:
+            scale_entry = row_entry
+        code_lead = list(lead_entries)
+        first = code_lead[0] if code_lead else None
+        sharded_first = first not in (None, PartitionSpec.UNCONSTRAINED)
+        if self.bits == 4 and sharded_first and (lead[0] // _axis_size(sharding.mesh, first)) % 2:
+            code_lead[0] = None  # a pair of rows would straddle two shards
 
-        def on(entry: Any) -> NamedSharding:
-            return NamedSharding(sharding.mesh, PartitionSpec(*spec[:k], entry), memory_kind=sharding.memory_kind)
+        def on(entries: list[Any], entry: Any) -> NamedSharding:
+            return NamedSharding(sharding.mesh, PartitionSpec(*entries, entry), memory_kind=sharding.memory_kind)
 
-        return QuantizedArray(on(code_entry), on(scale_entry), shape, self.block_size, self.bits)
+        return QuantizedArray(
+            on(code_lead, row_entry), on(lead_entries, scale_entry), shape, self.block_size, self.bits
+        )
 
     def param_sharding(self, shardings: QuantizedArray) -> Any:
-        """The parameter's layout as the codes' shardings show it (its leading axes)."""
-        codes = shardings.codes
-        if not isinstance(codes, NamedSharding):
-            return codes
-        spec = PartitionSpec(*codes.spec[: row_split(shardings.shape, self.block_size)])
-        return NamedSharding(codes.mesh, spec, memory_kind=codes.memory_kind)
+        """The parameter's layout in its leading axes, as the scales' shardings show it."""
+        scale = shardings.scale
+        if not isinstance(scale, NamedSharding):
+            return scale
+        shape = shardings.shape
+        k = row_split(shape, self.block_size)
+        entries = list(scale.spec[:k]) if k == len(self._view(shape)[0]) else list(scale.spec[:1])
+        return NamedSharding(scale.mesh, PartitionSpec(*entries), memory_kind=scale.memory_kind)
 
     def load(self, stored: QuantizedArray, dtype: Any) -> jax.Array:
         return self.decode(stored).astype(dtype)
@@ -467,13 +525,28 @@ class Blockwise:
     def average(
         self, stored: QuantizedArray, x: jax.Array, decay: jax.Array, complement: jax.Array, key: jax.Array
     ) -> tuple[jax.Array, QuantizedArray]:
-        lead, cols = self._rows(stored.shape)
+        lead, cols = self._view(stored.shape)
         x_rows = x.astype(jnp.float32).reshape((*lead, cols))
         v = decay * _decode_rows(stored) + complement * x_rows
         scale = decay * stored.scale + complement * _block_maxima(x_rows, self.block_size)
-        bits = _random.random_bits(v.shape, key) if self.stochastic else None
-        codes = _encode(v, scale, self.block_size, bits, _levels(self.bits))
-        return v.reshape(stored.shape), self._node(codes, scale, stored.shape)
+        inverse = _inverse(scale)
+        if self.bits == 8:
+            bits = _random.random_bits(v.shape, key) if self.stochastic else None
+            codes = _encode(v, _repeat(inverse, self.block_size, cols), bits, CODES)
+        else:
+            old = stored.codes.astype(jnp.int32)
+            old_scale = stored.scale
+
+            def code_of_pair(k: int) -> jax.Array:
+                # Each half recomputes its rows of v from its own nibbles, with its own random bits and
+                # scales: slicing row-view arrays into pairs instead would cost index arithmetic per element.
+                old_k = _repeat(_paired(old_scale, k), self.block_size, cols) * _code_value((old >> (4 * k)) & 15, 15)
+                v_k = decay * old_k + complement * _paired(x_rows, k)
+                bits = _random.random_bits(v_k.shape, key, k * math.prod(v_k.shape)) if self.stochastic else None
+                return _encode(v_k, _repeat(_paired(inverse, k), self.block_size, cols), bits, 15)
+
+            codes = _pack(code_of_pair)
+        return v.reshape(stored.shape), QuantizedArray(codes, scale, stored.shape, self.block_size, self.bits)
 
     def decode(self, stored: QuantizedArray) -> jax.Array:
         return dequantize(stored)
@@ -631,7 +704,9 @@ class Storage:
         if axes is not None:
             return Factored(axes), signed
         if self.state_bits is not None and self.quantizes(shape, d_nu):
-            return Blockwise(self.block_size, self.stochastic, self.state_bits), signed
+            # A single row that 4-bit codes cannot cut into pairs of rows keeps 8-bit codes.
+            bits = self.state_bits if quantized_view(shape, self.block_size, self.state_bits) else 8
+            return Blockwise(self.block_size, self.stochastic, bits), signed
         return Dense(d_nu, self.stochastic), signed
 
     def stored_formats(self, nu: Any, mu: Any = None) -> tuple[Format, Dense | None]:

@@ -40,9 +40,13 @@ Ways to store the state in fewer bytes, selected by options of
 
 * ``state_bits=4``: the same map with 15 as the top code, :math:`v = s_B
   (c/15)^4`, two codes per byte and a float32 scale per block of 128 by
-  default: 0.5 + 4/128 ≈ 0.53 bytes per parameter. Code 0 again stands only
-  for v = 0. With 16 codes a step of v is far below one code for any decay
-  near 1 (*signal swamping*): with round-to-nearest the stored v sticks,
+  default: 0.5 + 4/128 ≈ 0.53 bytes per parameter. A byte holds the codes of
+  the same element in two neighbouring rows (rows 2i and 2i + 1 of the first
+  leading axis), so every loop stays contiguous; a leaf that is a single row
+  is cut into rows of one block, and one whose length is not a multiple of
+  the block keeps 8-bit codes. Code 0 again stands only for v = 0. With 16
+  codes a step of v is far below one code for any decay near 1 (*signal
+  swamping*): with round-to-nearest the stored v sticks,
   while stochastic rounding keeps the mean unbiased at the price of
   elementwise noise, which the square root halves in the step. Measured on
   8,192 elements at decay 0.999, 1,500 steps of unit-scale gradients and

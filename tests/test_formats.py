@@ -20,11 +20,10 @@ GRID_4BIT = (np.arange(16) / 15.0) ** 4  # code c stands for scale * (c / 15)^4
 
 
 def _codes(q: formats.QuantizedArray) -> np.ndarray:
-    """The 4-bit codes unpacked by hand: byte j of a block holds elements j (low nibble) and j + B/2."""
+    """The 4-bit codes unpacked by hand: rows 2i and 2i + 1 sit in the low and high nibbles of packed row i."""
     packed = np.asarray(q.codes)
-    blocks = packed.reshape((*packed.shape[:-1], -1, q.block_size // 2))
-    codes = np.concatenate([blocks & 15, blocks >> 4], axis=-1)
-    return codes.reshape((*packed.shape[:-1], -1))
+    codes = np.stack([packed & 15, packed >> 4], axis=1)
+    return codes.reshape((-1, *packed.shape[1:]))
 
 
 # --------------------------------------------------------------------------- 4-bit
@@ -34,17 +33,17 @@ def test_4bit_packs_two_codes_per_byte_and_costs_at_most_055_byte_per_param():
     state = rmsprop_jax.rmsprop(1e-3, state_bits=4).init({"w": jnp.zeros((256, 1024)), "b": jnp.zeros(1024)})
     q = state.nu["w"]
     assert isinstance(q, formats.QuantizedArray) and q.bits == 4 and q.block_size == 128
-    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (256, 512) and q.scale.shape == (256, 8)
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (128, 1024) and q.scale.shape == (256, 8)
     assert lowmem.state_bytes(q) / (256 * 1024) == 0.5 + 4 / 128  # 0.53125
     assert state.nu["b"].dtype == jnp.float32  # under 4096 elements: dense
 
 
 def test_4bit_rounds_to_the_nearest_code_and_never_to_zero():
     rng = np.random.default_rng(0)
-    v = (10 ** rng.uniform(-12, 0, size=(4, 257))).astype(np.float32)  # odd rows: a padded half byte
+    v = (10 ** rng.uniform(-12, 0, size=(5, 257))).astype(np.float32)  # an odd row count and a short last block
     v[:, 0] = 2.0  # the block maxima of the first blocks
     q = formats.quantize(jnp.asarray(v), block_size=128, code_bits=4)
-    codes = _codes(q)[:, :257]
+    codes = _codes(q)[:5]
     assert codes.min() >= 1
     scale = np.asarray(q.scale, np.float64)
     block_of = np.arange(257) // 128
@@ -56,6 +55,45 @@ def test_4bit_rounds_to_the_nearest_code_and_never_to_zero():
     np.testing.assert_allclose(
         np.asarray(formats.dequantize(q), np.float64), GRID_4BIT[codes] * scale[:, block_of], rtol=1e-6
     )
+
+
+def test_4bit_layouts_of_vectors_odd_rows_and_lengths_that_cannot_pair():
+    params = {
+        "vec": jnp.zeros(8192),  # one row: cut into 64 rows of one block, paired into 32
+        "odd": jnp.zeros((33, 256)),  # the 33rd row pairs with zero codes
+        "cube": jnp.zeros((64, 8, 8)),  # trailing axes merged into one row of 4096: 32 rows of 128
+        "ragged": jnp.zeros(5000),  # one row of 5000: not a multiple of 128, keeps 8-bit codes
+    }
+    nu = rmsprop_jax.rmsprop(1e-3, state_bits=4, initial_scale=1.0).init(params).nu
+    assert (nu["vec"].bits, nu["vec"].codes.shape, nu["vec"].scale.shape) == (4, (32, 128), (64, 1))
+    assert (nu["odd"].bits, nu["odd"].codes.shape, nu["odd"].scale.shape) == (4, (17, 256), (33, 2))
+    assert (nu["cube"].bits, nu["cube"].codes.shape) == (4, (16, 128))
+    assert (nu["ragged"].bits, nu["ragged"].codes.shape) == (8, (5000,))
+    assert np.all(_codes(nu["odd"])[:33] == 15) and np.all(_codes(nu["odd"])[33] == 0)  # the pad row holds 0
+    for name, p in params.items():
+        np.testing.assert_array_equal(np.asarray(lowmem.nu_values(nu)[name]), np.ones(p.shape, np.float32))
+    with pytest.raises(ValueError, match="8-bit codes"):
+        formats.quantize(jnp.ones(5000), block_size=128, code_bits=4)
+
+
+@pytest.mark.parametrize("shape", [(33, 300), (8192,), (6, 4, 200)])
+def test_4bit_average_decodes_the_float64_average_of_the_decoded_state(shape):
+    """One average step: the new value is γ·decode(old) + (1−γ)·g² in float64, the new codes decode close to it."""
+    rng = np.random.default_rng(2)
+    g = jnp.asarray(rng.normal(size=shape).astype(np.float32) * 10 ** rng.uniform(-2, 0, size=shape[-1]))
+    tx = rmsprop_jax.scale_by_rms(decay=0.9, state_bits=4, block_size=128)
+    state = tx.init(jnp.zeros(shape))
+    state = jax.jit(tx.update)(g, state)[1]
+    old = np.asarray(lowmem.nu_values(state.nu), np.float64)
+    g2 = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    new = jax.jit(tx.update)(g2, state)[1]
+    want = 0.9 * old + 0.1 * np.asarray(g2, np.float64) ** 2
+    got = np.asarray(lowmem.nu_values(new.nu), np.float64)
+    # Each value lies between the codes that bracket it: within a factor (15/14)^4 at the top of a block, and
+    # never 0 where the float64 value is positive.
+    assert np.all(got[want > 0] > 0)
+    lead_scale = np.asarray(new.nu.scale, np.float64).max()
+    assert np.max(np.abs(got - want)) <= lead_scale * (1 - (14 / 15) ** 4) + 1e-7
 
 
 def test_4bit_stochastic_rounding_is_unbiased():
