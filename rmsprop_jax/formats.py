@@ -16,7 +16,9 @@ the state (the update, ``init``, ``flat=True``, `rmsprop_jax.sharding.zero1`,
   and encode the new value with the format's rounding;
 * ``average(stored, x, decay, complement, key)``: the running average
   :math:`v \leftarrow \gamma v + (1 - \gamma) x` of a buffer, returning the
-  new value in float32 for this step's update and its stored form;
+  new value in float32 for this step's update and its stored form; `x` is an
+  array or an `Elementwise` function of arrays, which a format may slice
+  before computing it;
 * ``decode(stored)``: the values for reading (diagnostics, plots).
 
 The formats:
@@ -57,6 +59,7 @@ from rmsprop_jax import _random
 __all__ = [
     "Blockwise",
     "Dense",
+    "Elementwise",
     "Factored",
     "FactoredArray",
     "QuantizedArray",
@@ -501,7 +504,9 @@ class Blockwise:
         zeros = filled_like(like, 0, jnp.float32).reshape((*lead, cols))
         top = (zeros + jnp.where(jnp.asarray(value) > 0, _levels(self.bits), 0)).astype(jnp.uint8)
         codes = top if self.bits == 8 else _pack(lambda k: _paired(top, k))
-        scale = _block_maxima(zeros, self.block_size) + jnp.asarray(value, jnp.float32)
+        # One element per block: a slice, not the block maxima, which XLA would constant-fold for seconds
+        # on constant params.
+        scale = zeros[..., :: self.block_size] + jnp.asarray(value, jnp.float32)
         return QuantizedArray(codes, scale, shape, self.block_size, self.bits)
 
     def shardings(self, shape: Sequence[int], sharding: Any) -> QuantizedArray:

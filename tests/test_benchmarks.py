@@ -42,3 +42,29 @@ def test_quick_run_without_torch(tmp_path):
         ["--quick", "--rounds", "1", "--no-torch", "--only", "optimizers", "--out", str(tmp_path / "r.md")]
     )
     assert "torch" not in report.split("## Optimizer step")[1].replace("torch.optim.RMSprop", "")
+
+
+def test_code_map_candidates_decode_their_own_codes_and_round_without_bias():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import code_maps
+    from rmsprop_jax import formats
+
+    # The "power" candidate is the library's map: a block holding every code decodes to s·(c/255)^4.
+    decode, _ = code_maps.power_map(8)
+    q = formats.quantize(jnp.asarray((np.arange(256) / 255.0) ** 4 * 2.0, jnp.float32), block_size=256)
+    np.testing.assert_allclose(2.0 * np.asarray(decode(q.codes)), np.asarray(formats.dequantize(q)), rtol=1e-6)
+    # Exponent–mantissa codes: 1.0 is the top code, each binade holds 2^M codes, code 0 is 0.
+    decode, encode = code_maps.exponent_mantissa_map(8, 4)
+    values = np.asarray(decode(jnp.arange(256)), np.float64)
+    assert values[0] == 0 and values[255] == 1 and values[255 - 16] == 0.5 and np.all(np.diff(values) > 0)
+    codes = encode(jnp.asarray(values[1:], jnp.float32), jnp.zeros(255))
+    np.testing.assert_array_equal(np.asarray(codes), np.arange(1, 256))
+    # Stochastic rounding in value: the mean of many draws is the ratio itself.
+    r = jnp.full(20000, 0.3, jnp.float32)
+    u = jnp.asarray(np.random.default_rng(0).random(20000), jnp.float32)
+    lo, hi = values[values <= 0.3].max(), values[values > 0.3].min()
+    assert abs(float(np.mean(np.asarray(decode(encode(r, u))))) - 0.3) < 4 * (hi - lo) / 2 / np.sqrt(20000)
+    rows = code_maps.compare(quick=True)
+    assert [row[:2] for row in rows][:2] == [["8-bit", "power"], ["8-bit", "m3"]] and len(rows) == 7

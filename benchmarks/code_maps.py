@@ -1,0 +1,132 @@
+"""Which code map should blockwise ``nu`` use? Quality of candidate maps under the same averaging loop.
+
+``python -m benchmarks.code_maps`` runs a blockwise running average of g² (decay 0.999, a float32
+scale per block that bounds the block's values, stochastic rounding) with each candidate map and
+compares the decoded values with the float32 average of the same gradients:
+
+* **power**: the map in use, code c stands for s·(c/L)⁴ (`rmsprop_jax.formats`);
+* **exponent–mantissa (mM)**: code c stands for the float32 whose bits are those of 1.0 minus
+  (L − c)·2^(23 − M), i.e. M mantissa bits per binade below the block scale, 0 for code 0. Its
+  codes are the top bits of the float32 ratio v/s, so encoding is integer arithmetic.
+
+Two gradient streams: *mixed*, per-element gradient scales over 2 decades with half of the
+elements going quiet halfway (their average must keep decaying); *swamping*, unit gradients for
+1,500 steps and then 100× smaller ones for 2,500 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import measure
+from rmsprop_jax import _random, formats
+
+Decode = Callable[[jax.Array], jax.Array]  # codes -> ratio v/s in [0, 1]
+Encode = Callable[[jax.Array, jax.Array], jax.Array]  # (ratio, uniform draws) -> codes
+ONE_BITS = 0x3F800000  # the bits of float32 1.0
+
+
+def power_map(bits: int) -> tuple[Decode, Encode]:
+    """The fourth-power map of `rmsprop_jax.formats`, with uniform draws in place of random bits."""
+    levels = (1 << bits) - 1
+
+    def encode(r: jax.Array, u: jax.Array) -> jax.Array:
+        u_bits = (u * 2.0**24).astype(jnp.uint32) << 8  # formats draws from the top 24 bits
+        return formats._encode_part(r, u_bits, levels)
+
+    return (lambda c: formats._code_value(c, levels)), encode
+
+
+def exponent_mantissa_map(bits: int, mantissa_bits: int) -> tuple[Decode, Encode]:
+    levels = (1 << bits) - 1
+    shift = 23 - mantissa_bits
+
+    def decode(c: jax.Array) -> jax.Array:
+        c = c.astype(jnp.int32)
+        ratio = jax.lax.bitcast_convert_type(jnp.int32(ONE_BITS) - ((levels - c) << shift), jnp.float32)
+        return jnp.where(c > 0, ratio, 0.0)
+
+    def encode(r: jax.Array, u: jax.Array) -> jax.Array:
+        # Codes step linearly within a binade, so adding uniform bits below the kept ones and
+        # truncating rounds up with probability proportional to the distance: unbiased in value.
+        t = jax.lax.bitcast_convert_type(r, jnp.int32) - jnp.int32(ONE_BITS) + (levels << shift)
+        c = (t + (u * (1 << shift)).astype(jnp.int32)) >> shift
+        return jnp.clip(c, jnp.where(r > 0, 1, 0), levels)
+
+    return decode, encode
+
+
+def run_average(code_map: tuple[Decode, Encode], block: int, grads: np.ndarray, decay: float) -> tuple:
+    """Final decoded blockwise average and the float32 average of the same gradients (float64 arrays)."""
+    decode, encode = code_map
+    steps, n = grads.shape
+
+    def step(carry: tuple, inputs: tuple) -> tuple:
+        (codes, scale, exact), (t, g) = carry, inputs
+        x = (g * g).reshape(-1, block)
+        v = decay * scale[:, None] * decode(codes) + (1 - decay) * x
+        new_scale = decay * scale + (1 - decay) * x.max(axis=1)
+        inverse = 1 / jnp.where(new_scale > 0, new_scale, jnp.inf)
+        u = _random.uniform(_random.random_bits(v.shape, _random.step_key(t, 0, 0)))
+        codes = encode(jnp.minimum(v * inverse[:, None], 1), u).astype(jnp.int32)
+        return (codes, new_scale, decay * exact + (1 - decay) * x), None
+
+    init = (jnp.zeros((n // block, block), jnp.int32), jnp.zeros(n // block), jnp.zeros((n // block, block)))
+    scan = jax.jit(lambda c, g: jax.lax.scan(step, c, (jnp.arange(steps), g))[0])
+    codes, scale, exact = scan(init, jnp.asarray(grads))
+    return np.asarray(scale[:, None] * decode(codes), np.float64).ravel(), np.asarray(exact, np.float64).ravel()
+
+
+def streams(quick: bool) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    n, steps = (4096, 200) if quick else (65536, 2000)
+    mixed = (rng.normal(size=(steps, n)) * 10 ** rng.uniform(-1, 1, size=n)).astype(np.float32)
+    mixed[steps // 2 :, ::2] = 0
+    loud, quiet = (150, 250) if quick else (1500, 2500)
+    scales = np.concatenate([np.ones(loud), np.full(quiet, 0.01)]).astype(np.float32)
+    swamping = (rng.normal(size=(loud + quiet, 8192 if not quick else 2048)) * scales[:, None]).astype(np.float32)
+    return {"mixed": mixed, "swamping": swamping}
+
+
+CANDIDATES: dict[int, dict[str, tuple[Decode, Encode]]] = {
+    8: {
+        "power": power_map(8),
+        "m3": exponent_mantissa_map(8, 3),
+        "m4": exponent_mantissa_map(8, 4),
+        "m5": exponent_mantissa_map(8, 5),
+    },
+    4: {"power": power_map(4), "m0": exponent_mantissa_map(4, 0), "m1": exponent_mantissa_map(4, 1)},
+}
+
+
+def compare(quick: bool = False) -> list[list[str]]:
+    data = streams(quick)
+    rows = []
+    for bits, maps in CANDIDATES.items():
+        block = 256 if bits == 8 else 128
+        for name, code_map in maps.items():
+            row = [f"{bits}-bit", name]
+            for grads in data.values():
+                got, want = run_average(code_map, block, grads, 0.999)
+                rel = np.abs(got[want > 0] / want[want > 0] - 1)
+                bias = got.mean() / want.mean() - 1
+                row += [f"{np.median(rel):.1%}", f"{np.quantile(rel, 0.99):.0%}", f"{bias:+.2%}"]
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small streams: a smoke test")
+    args = parser.parse_args()
+    header = ["bits", "map"] + [f"{s}: {m}" for s in ("mixed", "swamping") for m in ("median", "p99", "mean")]
+    print(measure.markdown_table(header, compare(args.quick)))
+
+
+if __name__ == "__main__":
+    main()
