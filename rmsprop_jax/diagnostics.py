@@ -49,7 +49,7 @@ from jax.sharding import NamedSharding
 
 from rmsprop_jax import _placement, formats
 from rmsprop_jax.alias import RMSpropState
-from rmsprop_jax.transform import ScaleByRmsState
+from rmsprop_jax.transform import ScaleByRmsState, abs_squared
 
 __all__ = ["effective_learning_rate", "find_state", "summary"]
 
@@ -153,10 +153,6 @@ def _resolve(
     return jnp.asarray(learning_rate), decay, eps
 
 
-def _abs2(x: jax.Array) -> jax.Array:
-    return (jnp.conj(x) * x).real if jnp.iscomplexobj(x) else x * x
-
-
 def _leaf_parts(
     nu: jax.Array,
     mu: jax.Array | None,
@@ -173,7 +169,7 @@ def _leaf_parts(
         m_hat = mu.astype(jnp.result_type(real, mu.dtype))
         if correction is not None:
             m_hat = m_hat * correction.astype(real)
-        v_hat = jnp.maximum(v_hat - _abs2(m_hat).astype(real), 0)
+        v_hat = jnp.maximum(v_hat - abs_squared(m_hat).astype(real), 0)
     eps = jnp.asarray(eps, real)
     denominator = jnp.sqrt(v_hat + eps) if eps_in_sqrt else jnp.sqrt(v_hat) + eps
     return v_hat, denominator

@@ -192,10 +192,19 @@ def quantized_view(shape: Sequence[int], block_size: int, bits: int = 8) -> tupl
     return lead, cols
 
 
-def _view(q: QuantizedArray) -> tuple[tuple[int, ...], int]:
-    view = quantized_view(q.shape, q.block_size, q.bits)
-    assert view is not None  # a stored node only exists for shapes that have a view
+def checked_view(shape: Sequence[int], block_size: int, bits: int) -> tuple[tuple[int, ...], int]:
+    """`quantized_view`, raising when there is none."""
+    view = quantized_view(shape, block_size, bits)
+    if view is None:
+        raise ValueError(
+            f"4-bit codes need rows to pair: an array of shape {tuple(shape)} is one row whose length is not a "
+            f"multiple of block_size={block_size}; use 8-bit codes for it."
+        )
     return view
+
+
+def _view(q: QuantizedArray) -> tuple[tuple[int, ...], int]:
+    return checked_view(q.shape, q.block_size, q.bits)
 
 
 def _repeat(scale: jax.Array, block_size: int, cols: int) -> jax.Array:
@@ -304,9 +313,24 @@ def _paired(x: jax.Array, k: int) -> jax.Array:
     return rows
 
 
-def _pack(code_of_pair: Any) -> jax.Array:
-    """Packed 4-bit codes from ``code_of_pair(k)``, the uint8 codes of the rows `_paired(., k)`."""
-    return code_of_pair(0) | (code_of_pair(1) << 4)
+def _encode_pairs(
+    rows_of_pair: Callable[[int], jax.Array],
+    inverse: jax.Array,
+    block_size: int,
+    bits_of_pair: Callable[[int], jax.Array | None],
+) -> jax.Array:
+    """Packed 4-bit codes of the rows ``rows_of_pair(k)`` (rows k, k + 2, ... of the values), k = 0 and 1.
+
+    Each set of rows comes with its own random bits and its own slice of the
+    block inverses: computing the two sets from row-view arrays reshaped into
+    pairs would cost index arithmetic per element.
+    """
+
+    def codes(k: int) -> jax.Array:
+        rows = rows_of_pair(k)
+        return _encode(rows, _repeat(_paired(inverse, k), block_size, rows.shape[-1]), bits_of_pair(k), 15)
+
+    return codes(0) | (codes(1) << 4)
 
 
 def _codes(q: QuantizedArray) -> jax.Array:
@@ -328,16 +352,12 @@ def _decode_rows(q: QuantizedArray) -> jax.Array:
 
 def _store(rows: jax.Array, scale: jax.Array, block_size: int, code_bits: int, bits: jax.Array | None) -> jax.Array:
     """The stored codes of `rows` (``lead + (cols,)``) given the new block scales and row-view random `bits`."""
-    cols = rows.shape[-1]
     inverse = _inverse(scale)
     if code_bits == 8:
-        return _encode(rows, _repeat(inverse, block_size, cols), bits, CODES)
-
-    def code_of_pair(k: int) -> jax.Array:
-        pair_bits = None if bits is None else _paired(bits, k)
-        return _encode(_paired(rows, k), _repeat(_paired(inverse, k), block_size, cols), pair_bits, 15)
-
-    return _pack(code_of_pair)
+        return _encode(rows, _repeat(inverse, block_size, rows.shape[-1]), bits, CODES)
+    return _encode_pairs(
+        lambda k: _paired(rows, k), inverse, block_size, lambda k: None if bits is None else _paired(bits, k)
+    )
 
 
 def quantize(
@@ -373,13 +393,7 @@ def quantize(
     shape = tuple(np.shape(v))
     if code_bits == 4 and block_size % 2:
         raise ValueError(f"4-bit codes pack in pairs: block_size must be even, got {block_size}.")
-    view = quantized_view(shape, block_size, code_bits)
-    if view is None:
-        raise ValueError(
-            f"4-bit codes need rows to pair: an array of shape {shape} is one row whose length is not a "
-            f"multiple of block_size={block_size}; use 8-bit codes for it."
-        )
-    lead, cols = view
+    lead, cols = checked_view(shape, block_size, code_bits)
     rows = jnp.asarray(v, jnp.float32).reshape((*lead, cols))
     rows = jnp.where(rows <= 0, 0, rows)
     scale = _block_maxima(rows, block_size)
@@ -493,17 +507,14 @@ class Blockwise:
     bits: int = 8
 
     def _view(self, shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
-        view = quantized_view(shape, self.block_size, self.bits)
-        if view is None:
-            raise ValueError(f"no {self.bits}-bit view of shape {tuple(shape)} with block_size={self.block_size}.")
-        return view
+        return checked_view(shape, self.block_size, self.bits)
 
     def init(self, like: jax.Array, value: Any) -> QuantizedArray:
         shape = tuple(like.shape)
         lead, cols = self._view(shape)
         zeros = filled_like(like, 0, jnp.float32).reshape((*lead, cols))
         top = (zeros + jnp.where(jnp.asarray(value) > 0, _levels(self.bits), 0)).astype(jnp.uint8)
-        codes = top if self.bits == 8 else _pack(lambda k: _paired(top, k))
+        codes = top if self.bits == 8 else _paired(top, 0) | (_paired(top, 1) << 4)
         # One element per block: a slice, not the block maxima, which XLA would constant-fold for seconds
         # on constant params.
         scale = zeros[..., :: self.block_size] + jnp.asarray(value, jnp.float32)
@@ -577,27 +588,26 @@ class Blockwise:
         def rows(a: jax.Array) -> jax.Array:
             return a.reshape((*lead, cols))
 
-        x_rows = value(x).astype(jnp.float32).reshape((*lead, cols))
+        x_rows = rows(value(x).astype(jnp.float32))
         v = decay * _decode_rows(stored) + complement * x_rows
         scale = decay * stored.scale + complement * _block_maxima(x_rows, self.block_size)
-        inverse = _inverse(scale)
         if self.bits == 8:
-            bits = _random.random_bits(v.shape, key) if self.stochastic else None
-            codes = _encode(v, _repeat(inverse, self.block_size, cols), bits, CODES)
+            codes = _store(v, scale, self.block_size, 8, _random.random_bits(v.shape, key) if self.stochastic else None)
         else:
             old = stored.codes.astype(jnp.int32)
-            old_scale = stored.scale
 
-            def code_of_pair(k: int) -> jax.Array:
-                # Each half recomputes its rows of v from its own nibbles, with its own random bits and
-                # scales: slicing row-view arrays into pairs instead would cost index arithmetic per element.
-                old_k = _repeat(_paired(old_scale, k), self.block_size, cols) * _code_value((old >> (4 * k)) & 15, 15)
+            def v_of_pair(k: int) -> jax.Array:
+                # Each set of rows recomputes its v from its own nibbles and slices of g (see Elementwise).
+                old_scale = _repeat(_paired(stored.scale, k), self.block_size, cols)
+                old_k = old_scale * _code_value((old >> (4 * k)) & 15, 15)
                 x_k = x.of(lambda a: _paired(rows(a), k)) if isinstance(x, Elementwise) else _paired(x_rows, k)
-                v_k = decay * old_k + complement * x_k.astype(jnp.float32)
-                bits = _random.random_bits(v_k.shape, key, k * math.prod(v_k.shape)) if self.stochastic else None
-                return _encode(v_k, _repeat(_paired(inverse, k), self.block_size, cols), bits, 15)
+                return decay * old_k + complement * x_k.astype(jnp.float32)
 
-            codes = _pack(code_of_pair)
+            def bits_of_pair(k: int) -> jax.Array | None:
+                shape = stored.codes.shape  # each set of rows is shaped like the packed codes
+                return _random.random_bits(shape, key, k * math.prod(shape)) if self.stochastic else None
+
+            codes = _encode_pairs(v_of_pair, _inverse(scale), self.block_size, bits_of_pair)
         return v.reshape(stored.shape), QuantizedArray(codes, scale, stored.shape, self.block_size, self.bits)
 
     def decode(self, stored: QuantizedArray) -> jax.Array:

@@ -131,7 +131,7 @@ def lerp(start: jax.Array, end: jax.Array, weight: Any) -> jax.Array:
     return jnp.where(weight < 0.5, low, high)
 
 
-def _squared_magnitude(x: jax.Array) -> jax.Array:
+def abs_squared(x: jax.Array) -> jax.Array:
     """|x|^2 elementwise: x * x, or one real magnitude per element for complex x."""
     return (jnp.conj(x) * x).real if jnp.iscomplexobj(x) else x * x
 
@@ -214,7 +214,7 @@ def rms_scale_leaf(
     decay = jnp.asarray(decay, real)
     eps = jnp.asarray(eps, real)
     # |g|^2 (real for complex g), as a function of g so that a format can slice g first.
-    squared = formats.Elementwise(_squared_magnitude, (g,))
+    squared = formats.Elementwise(abs_squared, (g,))
     v_new, nu_out = nu_fmt.average(nu, squared, decay, complement, _random.step_key(count, leaf, _random.NU))
     v_hat = v_new
     # Multiplying by the reciprocal, rather than dividing, is written out because
@@ -232,7 +232,7 @@ def rms_scale_leaf(
         # "weighted" (Keras 3) rounds the same average as decay * m + (1 - decay) * g.
         mu_new = decay * mu_old + complement * g if centered_average == "weighted" else lerp(mu_old, g, weight)
         m_hat = mu_new if correction is None else mu_new * correction
-        m_squared = _squared_magnitude(m_hat)
+        m_squared = abs_squared(m_hat)
         # Rounding can make v - m^2 slightly negative (constant gradients do it
         # in float32 within ~1000 steps); the clamp keeps sqrt away from NaN.
         v_hat = jnp.maximum(v_hat - m_squared, 0)
