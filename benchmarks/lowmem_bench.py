@@ -102,30 +102,38 @@ def _train(loss: Any, params: Any, batches: Any, tx: optax.GradientTransformatio
     return run(params, tx.init(params))
 
 
+# params, batch indices per step, training inputs and labels, test inputs and labels
+Problem = tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+
+
+def _classification_quality(problems: list[Problem]) -> dict[str, tuple[float, float]]:
+    """Final training loss and test accuracy of every state, means over the problems (one per seed)."""
+    out = {}
+    for name, options in STATES.items():
+        results = []
+        for params, idx, x_train, y_train, x_test, y_test in problems:
+            tx = rmsprop_jax.rmsprop(3e-4, decay=0.999, **options)
+            final = _train(lambda p, i, xs=x_train, ys=y_train: demo.loss_fn(p, xs[i], ys[i]), params, idx, tx)
+            loss = float(demo.loss_fn(final, x_train, y_train))
+            results.append((loss, float(demo.accuracy(final, x_test, y_test))))
+        loss, acc = np.mean(np.asarray(results), axis=0)
+        out[name] = (float(loss), float(acc))
+    return out
+
+
 def digits_quality(steps: int, seeds: int) -> dict[str, tuple[float, float]] | None:
-    """Final training loss and test accuracy of the digits MLP, means over seeds."""
+    """The digits MLP, batches of 32."""
     try:
         import sklearn.datasets
     except ImportError:
         return None
-    out = {}
-    for name, options in STATES.items():
-        results = []
-        for seed in range(seeds):
-            data = demo.load_data(sklearn.datasets, seed)
-            params = demo.init_mlp(jax.random.key(seed), [64, 256, 256, 10])
-            idx = jnp.asarray(demo.batch_indices(data.x_train.shape[0], steps, 32, seed))
-            tx = rmsprop_jax.rmsprop(3e-4, decay=0.999, **options)
-            final = _train(lambda p, i, d=data: demo.loss_fn(p, d.x_train[i], d.y_train[i]), params, idx, tx)
-            loss = float(demo.loss_fn(final, data.x_train, data.y_train))
-            results.append((loss, float(demo.accuracy(final, data.x_test, data.y_test))))
-        out[name] = _mean(results)
-    return out
-
-
-def _mean(results: list[tuple[float, float]]) -> tuple[float, float]:
-    loss, acc = np.mean(np.asarray(results), axis=0)
-    return float(loss), float(acc)
+    problems = []
+    for seed in range(seeds):
+        data = demo.load_data(sklearn.datasets, seed)
+        params = demo.init_mlp(jax.random.key(seed), [64, 256, 256, 10])
+        idx = jnp.asarray(demo.batch_indices(data.x_train.shape[0], steps, 32, seed))
+        problems.append((params, idx, data.x_train, data.y_train, data.x_test, data.y_test))
+    return _classification_quality(problems)
 
 
 def teacher_quality(steps: int, width: int, seeds: int, train: int, test: int) -> dict[str, tuple[float, float]]:
@@ -137,23 +145,16 @@ def teacher_quality(steps: int, width: int, seeds: int, train: int, test: int) -
     digits MLP's first and last layers.
     """
     sizes = [64, width, width, 10]
-    out = {}
-    for name, options in STATES.items():
-        results = []
-        for seed in range(seeds):
-            key = jax.random.key(1000 + seed)
-            teacher = jax.tree.map(lambda w: 2.0 * w, demo.init_mlp(jax.random.fold_in(key, 1), sizes))
-            x = jax.random.normal(jax.random.fold_in(key, 2), (train + test, 64))
-            y = jnp.argmax(demo.mlp(teacher, x), axis=-1)
-            x_train, y_train, x_test, y_test = x[:train], y[:train], x[train:], y[train:]
-            student = demo.init_mlp(jax.random.fold_in(key, 3), sizes)
-            idx = jnp.asarray(demo.batch_indices(train, steps, 128, seed))
-            tx = rmsprop_jax.rmsprop(3e-4, decay=0.999, **options)
-            final = _train(lambda p, i, xs=x_train, ys=y_train: demo.loss_fn(p, xs[i], ys[i]), student, idx, tx)
-            loss = float(demo.loss_fn(final, x_train, y_train))
-            results.append((loss, float(demo.accuracy(final, x_test, y_test))))
-        out[name] = _mean(results)
-    return out
+    problems = []
+    for seed in range(seeds):
+        key = jax.random.key(1000 + seed)
+        teacher = jax.tree.map(lambda w: 2.0 * w, demo.init_mlp(jax.random.fold_in(key, 1), sizes))
+        x = jax.random.normal(jax.random.fold_in(key, 2), (train + test, 64))
+        y = jnp.argmax(demo.mlp(teacher, x), axis=-1)
+        student = demo.init_mlp(jax.random.fold_in(key, 3), sizes)
+        idx = jnp.asarray(demo.batch_indices(train, steps, 128, seed))
+        problems.append((student, idx, x[:train], y[:train], x[train:], y[train:]))
+    return _classification_quality(problems)
 
 
 def regression_quality(steps: int, depth: int, width: int, seeds: int, samples: int) -> dict[str, float]:
