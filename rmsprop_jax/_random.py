@@ -50,11 +50,11 @@ def uniform(bits: jax.Array) -> jax.Array:
 def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
     """Rounds float32 `x` to the narrower float `dtype` up or down at random, unbiased: E[result] = x.
 
-    With a ≤ |x| < b the neighbours of |x| in `dtype`, the magnitude becomes b
-    with probability (|x| − a) / (b − a) and a otherwise, decided by the
-    uint32 random `bits`. For bfloat16 this is the classic integer trick: add
-    16 random bits below the 16 bits that bfloat16 keeps and truncate. For
-    other dtypes (float16, ...) the spacing of `dtype` at |x| (a power of two
+    With a ≤ ``|x|`` < b the neighbours of ``|x|`` in `dtype`, the magnitude
+    becomes b with probability (``|x|`` − a) / (b − a) and a otherwise, decided
+    by the uint32 random `bits`. For bfloat16 this is the classic integer
+    trick: add 16 random bits below the 16 bits that bfloat16 keeps and
+    truncate. For other dtypes (float16, ...) the spacing of `dtype` at ``|x|`` (a power of two
     found from the float32 exponent, or the subnormal spacing) is used the
     same way in float32. Representable values stay exact, NaN stays NaN, inf
     stays inf; beyond the largest finite number the result may be inf.

@@ -38,9 +38,10 @@ class RMSpropState(NamedTuple):
       count: int32 number of updates applied (saturating). The learning-rate
         schedule is called with it before it is incremented.
       nu: running average of squared gradients, shaped like the params
-        (leaves of at least one block are `rmsprop_jax.lowmem.QuantizedArray`
-        with ``state_bits=8``; with ``flat=True`` the state is one vector per
-        dtype, see `rmsprop_jax.flat.FlatLayout`).
+        (with ``state_bits`` leaves of at least 4,096 elements are
+        `rmsprop_jax.lowmem.QuantizedArray`, with ``factored=True`` large
+        matrices are `rmsprop_jax.lowmem.FactoredArray`; with ``flat=True``
+        the state is one vector per dtype, see `rmsprop_jax.flat.FlatLayout`).
       mu: running average of gradients when ``centered=True``, else None.
       momentum: momentum buffer when ``momentum`` is not None, else None.
       skipped: int32 number of steps skipped for non-finite values when

@@ -25,11 +25,13 @@ class ScaleByRmsState(NamedTuple):
       count: int32 number of updates applied, saturating at the int32 maximum.
       nu: running average of squared gradients, shaped like the params and
         stored without bias correction. Real valued, also for complex params
-        (it averages |g|^2); with ``split_complex=True`` it is complex, holding
-        the average of re(g)^2 in its real part and of im(g)^2 in its
-        imaginary part. With ``state_bits=8`` leaves of at least one block
-        are `rmsprop_jax.lowmem.QuantizedArray`; with ``flat=True`` the state
-        is one vector per dtype (see `rmsprop_jax.flat.FlatLayout`).
+        (it averages ``|g|^2``); with ``split_complex=True`` it is complex,
+        holding the average of re(g)^2 in its real part and of im(g)^2 in its
+        imaginary part. With ``state_bits`` leaves of at least 4,096 elements
+        are `rmsprop_jax.lowmem.QuantizedArray`, with ``factored=True`` large
+        matrices are `rmsprop_jax.lowmem.FactoredArray`, and with
+        ``flat=True`` the state is one vector per dtype (see
+        `rmsprop_jax.flat.FlatLayout`).
       mu: running average of gradients when ``centered=True``, else None.
       skipped: int32 number of steps skipped for non-finite values when
         ``skip_nonfinite=True``, else None.
