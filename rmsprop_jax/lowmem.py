@@ -52,8 +52,12 @@ Ways to store the state in fewer bytes, selected by options of
   8,192 elements at decay 0.999, 1,500 steps of unit-scale gradients and
   then 2,500 steps 100× smaller: the mean of the stored v ends +33 % above
   the float32 average with round-to-nearest and +0.3 % with stochastic
-  rounding (median elementwise error 34 %; 8-bit: +0.1 %, 7 %). The fourth-power map keeps the
-  smallest code at :math:`s_B/15^4 = 2\cdot 10^{-5} s_B`, so values four
+  rounding (median elementwise error 34 %; 8-bit: +0.1 %, 7 %). The noise
+  makes 4-bit steps larger on average, since 1/√v of an unbiased but noisy v
+  is larger than 1/√ of its mean: 1.41× the float32 step on average over the
+  elements of the swamping stream in ``benchmarks/RESULTS.md`` (8-bit:
+  1.016×), so 4-bit state acts like a somewhat larger learning rate. The
+  fourth-power map keeps the smallest code at :math:`s_B/15^4 = 2\cdot 10^{-5} s_B`, so values four
   decades below their block maximum are still represented; a linear map
   without a zero code would clamp everything under :math:`s_B/15` up to it.
 
