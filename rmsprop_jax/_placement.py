@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from rmsprop_jax import _compat
+
 
 def is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
@@ -67,7 +69,7 @@ def constrain(x: Any, sharding: Any) -> Any:
     if sharding is None:
         return x
     if is_explicit(sharding):
-        return jax.sharding.reshard(x, sharding)
+        return _compat.reshard(x, sharding)
     if not is_traced(x) and isinstance(x, jax.Array):
         return jax.device_put(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
@@ -109,7 +111,7 @@ def in_auto_axes(fn: Callable[..., Any], out_shardings: Any, *args: Any) -> Any:
     flat = [s for s in jax.tree.leaves(out_shardings) if isinstance(s, jax.sharding.Sharding)]
     if explicit_mesh(flat) is None:
         return fn(*args)
-    return jax.sharding.auto_axes(fn, out_sharding=out_shardings)(*args)
+    return _compat.auto_axes(fn, out_shardings)(*args)
 
 
 def default_device_sharding() -> jax.sharding.Sharding:
@@ -195,8 +197,6 @@ def on_auto_axes(update: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[
             return sharding if isinstance(sharding, NamedSharding) else replicated(mesh)
 
         out = (jax.tree.map(layout, updates), jax.tree.map(layout, state))
-        return jax.sharding.auto_axes(lambda u, s, p: update(u, s, p, **extra), out_sharding=out)(
-            updates, state, params
-        )
+        return _compat.auto_axes(lambda u, s, p: update(u, s, p, **extra), out)(updates, state, params)
 
     return wrapped

@@ -294,7 +294,8 @@ def initialize(environ: Mapping[str, str] | None = None) -> bool:
     with the coordinator bound to that address only (127.0.0.1 for `launch`,
     not every interface), an initialization timeout of
     `INITIALIZATION_TIMEOUT` seconds and heartbeat and shutdown timeouts of
-    the peer timeout. Without a coordinator in the environment (a single
+    the peer timeout (jax < 0.7 takes no such timeouts and keeps its own,
+    minutes long). Without a coordinator in the environment (a single
     process) it does nothing.
 
     Returns:
@@ -306,15 +307,21 @@ def initialize(environ: Mapping[str, str] | None = None) -> bool:
         return False
     import jax
 
+    from rmsprop_jax import _compat
+
     peer_timeout = int(environ.get(PEER_TIMEOUT_ENV, DEFAULT_PEER_TIMEOUT))
+    timeouts: dict[str, Any] = (
+        {"heartbeat_timeout_seconds": peer_timeout, "shutdown_timeout_seconds": peer_timeout}
+        if _compat.DISTRIBUTED_TIMEOUTS
+        else {}
+    )
     jax.distributed.initialize(
         coordinator_address=coordinator,
         coordinator_bind_address=coordinator,
         num_processes=int(environ[NUM_PROCESSES_ENV]),
         process_id=int(environ[PROCESS_ID_ENV]),
         initialization_timeout=INITIALIZATION_TIMEOUT,
-        heartbeat_timeout_seconds=peer_timeout,
-        shutdown_timeout_seconds=peer_timeout,
+        **timeouts,
     )
     return True
 

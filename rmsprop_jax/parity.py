@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import interop, presets
+from rmsprop_jax import _compat, interop, presets
 
 #: Largest accepted deviation, relative to the parameter scale.
 TOLERANCE = 1e-6
@@ -389,7 +389,8 @@ def make_problem(case: Case, steps: int = STEPS) -> Problem:
         return rng.normal(size=shape)
 
     dtype = np.complex64 if case.complex_params else np.float32
-    x0, grads = [], []
+    x0: list[np.ndarray] = []
+    grads: list[np.ndarray] = []
     for shape in _SHAPES:
         x0.append((0.5 * draw(shape)).astype(dtype))
         scale = np.exp(rng.uniform(np.log(1e-4), np.log(10.0), size=shape))
@@ -780,7 +781,7 @@ def run_case(case: Case, steps: int = STEPS, precision: str = "float32") -> floa
     if precision != "float64" or case.spec.peer is not None:
         raise ValueError(f"precision {precision!r} is not available for {case.framework}.")
     problem = _as_float64(problem)
-    with jax.enable_x64(True):
+    with _compat.enable_x64(True):
         ours = run_preset(case, problem)
     return relative_deviation(ours, run_reference(case, problem))
 
@@ -920,7 +921,7 @@ def _jax_train(
     `steps` steps. The minibatch and the scheduled learning rate are picked by
     the state's count. Parameters, gradients and the optimizer are float32;
     only the loss is evaluated in float64."""
-    with jax.enable_x64(True):
+    with _compat.enable_x64(True):
         table = jnp.asarray(data.lrs)
         tx = presets.pytorch(lr=lambda count: table[count], **options)
         x64, y64 = jnp.asarray(data.x, jnp.float64), jnp.asarray(data.y, jnp.float64)

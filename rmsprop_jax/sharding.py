@@ -51,7 +51,7 @@ import jax
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rmsprop_jax import _checks, _placement, formats
+from rmsprop_jax import _checks, _compat, _placement, formats
 
 __all__ = ["abstract_state", "zero1", "zero1_spec", "zero1_state_shardings"]
 
@@ -263,9 +263,9 @@ def abstract_state(tx: optax.GradientTransformation, params: Any) -> Any:
         jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_placement.with_mesh_spec(_named(s, mesh), twin))
         for s in structs
     ]
-    context = jax.set_mesh(twin) if isinstance(twin, Mesh) else jax.sharding.use_abstract_mesh(twin)
+    context = _compat.set_mesh(twin) if isinstance(twin, Mesh) else _compat.use_abstract_mesh(twin)
     with context:
-        state = jax.eval_shape(tx.init, jax.tree.unflatten(treedef, twin_structs))
+        state = _compat.eval_shape(tx.init, jax.tree.unflatten(treedef, twin_structs))
 
     def on_mesh(x: Any) -> jax.ShapeDtypeStruct:
         sharding = getattr(x, "sharding", None)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, settings
+from jax.sharding import PartitionSpec
 
 from rmsprop_jax import parity
 
@@ -56,3 +57,18 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "notebooks: executes the notebooks in notebooks/ (slow; deselect with -m 'not notebooks')"
     )
     config.addinivalue_line("markers", "multiprocess: launches several JAX processes with jax.distributed (slow)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skips the docstring examples that show a PartitionSpec where jax prints it otherwise.
+
+    They show it as current jax prints it, ``P('data', None)``; older jax
+    (0.5.3, the oldest supported) prints ``PartitionSpec('data', None)``.
+    """
+    if repr(PartitionSpec()) == "P()":
+        return
+    skip = pytest.mark.skip(reason="the example shows a PartitionSpec as P(...), as newer jax prints it")
+    for item in items:
+        dtest = getattr(item, "dtest", None)  # the doctest of a docstring example
+        if dtest is not None and any("P(" in example.want for example in dtest.examples):
+            item.add_marker(skip)

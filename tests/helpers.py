@@ -1,7 +1,8 @@
-"""Test helpers: gradient streams and a jitted multi-step driver for optax transforms."""
+"""Test helpers: gradient streams, a jitted multi-step driver for optax transforms, and a flax nnx update."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -79,3 +80,12 @@ def run_steps(tx: optax.GradientTransformation, params: Any, grads: Any, *, jit:
         return params, updates, state
 
     return run(params, state, grads)
+
+
+def nnx_update(optimizer: Any, model: Any, grads: Any) -> None:
+    """``optimizer.update(model, grads)`` of a flax ``nnx.Optimizer``; before flax 0.11 the optimizer
+    holds the model itself and takes the gradients only."""
+    if "model" in inspect.signature(optimizer.update).parameters:
+        optimizer.update(model, grads)
+    else:
+        optimizer.update(grads)

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 import rmsprop_jax
 import rmsprop_jax.diagnostics
 import rmsprop_jax.lowmem
+from rmsprop_jax import _compat
 from rmsprop_jax.sharding import abstract_state, zero1, zero1_state_shardings
 
 RESULT_MARKER = "MULTIDEVICE-RESULTS "
@@ -234,7 +235,7 @@ def init_sharding_all_combinations() -> None:
             tx = rmsprop_jax.scale_by_rms(centered=True, skip_nonfinite=True)
         init = jax.jit(tx.init) if jit else tx.init
         if with_mesh:
-            with jax.set_mesh(mesh):
+            with _compat.set_mesh(mesh):
                 state = init(params)
         else:
             state = init(params)
@@ -687,7 +688,7 @@ def abstract_state_matches_init() -> None:
 
 
 def mesh_context(mesh: jax.sharding.Mesh, with_mesh: bool) -> Any:
-    return jax.set_mesh(mesh) if with_mesh else contextlib.nullcontext()
+    return _compat.set_mesh(mesh) if with_mesh else contextlib.nullcontext()
 
 
 @check

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import random_problem, run_steps, step_slice, steps_list
+from helpers import nnx_update, random_problem, run_steps, step_slice, steps_list
 from reference import Hyper, RmspropReference, ScaleByRmsReference, to64
 
 import rmsprop_jax
@@ -207,7 +207,7 @@ def test_nnx_optimizer_state_and_leaf_names():
     def loss(model):
         return jnp.sum(model(jnp.ones((1, 2))) ** 2)
 
-    optimizer.update(model, nnx.grad(loss)(model))
+    nnx_update(optimizer, model, nnx.grad(loss)(model))
     logs = diagnostics.summary(optimizer.opt_state, learning_rate=0.1)
     assert {"lr_max/kernel", "lr_max/bias"} <= set(logs)
     rates = diagnostics.effective_learning_rate(optimizer.opt_state, 0.1)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import nnx_update
 
 import rmsprop_jax
 
@@ -96,7 +97,7 @@ def test_flax_nnx_optimizer() -> None:
     @nnx.jit
     def train_step(model: Any, optimizer: Any) -> jax.Array:
         loss, grads = nnx.value_and_grad(lambda m: mse(m(x), y))(model)
-        optimizer.update(model, grads)
+        nnx_update(optimizer, model, grads)
         return loss
 
     losses = [float(train_step(model, optimizer)) for _ in range(N_STEPS)]

@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from reference import Hyper, RmspropReference, assert_tree_close
 
 import rmsprop_jax
+from rmsprop_jax import _compat
 
 N_STEPS = 3
 # Examples of the main property per run; the other properties scale with it.
@@ -205,7 +206,7 @@ def test_random_trees_and_configs_match_the_reference(
 @budget(0.4)
 @given(skeleton=skeletons(["float64", "complex128", "float32"]), hyper=hypers(), seed=st.integers(0, 2**16))
 def test_float64_under_x64_matches_the_reference(skeleton: Any, hyper: Hyper, seed: int) -> None:
-    with jax.enable_x64(True):
+    with _compat.enable_x64(True):
         run_and_compare(skeleton, hyper, seed, skip_nonfinite=False, grad_f32=False)
         rng = np.random.default_rng(seed)
         params = build(skeleton, lambda leaf: random_leaf(rng, leaf, 1.0))

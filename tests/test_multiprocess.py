@@ -33,9 +33,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rmsprop_jax import multihost
+from rmsprop_jax import _compat, multihost
 
 pytestmark = pytest.mark.multiprocess
+# Every launch of the worker includes a run in which a process kills itself; its peers must then exit after
+# PEER_TIMEOUT, which jax.distributed takes only from jax 0.7 (older jax waits minutes, past the launch limit).
+needs_peer_timeouts = pytest.mark.skipif(
+    not _compat.DISTRIBUTED_TIMEOUTS, reason="needs jax.distributed.initialize(heartbeat_timeout_seconds=) (jax >= 0.7)"
+)
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -145,6 +150,7 @@ def assert_bitwise(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what
 # --------------------------------------------------------------------------- data parallelism and zero1
 
 
+@needs_peer_timeouts
 def test_data_parallel_across_processes_is_bitwise_the_single_device_run(
     save_run: Launch, four_run: Launch, expected: dict[str, np.ndarray]
 ) -> None:
@@ -153,6 +159,7 @@ def test_data_parallel_across_processes_is_bitwise_the_single_device_run(
     four_run.assert_all_succeeded()
 
 
+@needs_peer_timeouts
 @pytest.mark.parametrize(("name", "processes"), [("holdings_2x4", 2), ("holdings_4x2", 4), ("holdings_mesh42", 2)])
 def test_zero1_each_process_holds_only_its_own_shards(
     save_run: Launch, four_run: Launch, name: str, processes: int
@@ -183,10 +190,12 @@ def test_zero1_each_process_holds_only_its_own_shards(
 # --------------------------------------------------------------------------- orbax across topologies
 
 
+@needs_peer_timeouts
 def test_checkpoint_of_2_processes_restores_on_4_processes(save_run: Launch, four_run: Launch) -> None:
     assert_bitwise(four_run.npz("restored_at_save_4x2"), _reference(SAVE_AT), "the checkpoint restored on 4 x 2")
 
 
+@needs_peer_timeouts
 @pytest.mark.parametrize(
     ("launch", "name"),
     [("four_run", "restore_4x2"), ("single_run", "restore_1x8"), ("save_run", "restore_2x4_mesh42")],
@@ -204,6 +213,7 @@ def test_checkpoint_of_2_processes_resumes_bitwise_on_other_topologies(
 # --------------------------------------------------------------------------- a process dies
 
 
+@needs_peer_timeouts
 def test_killed_process_peers_exit_by_themselves_and_a_fresh_launch_resumes(
     save_run: Launch, four_run: Launch, expected: dict[str, np.ndarray]
 ) -> None:
@@ -298,6 +308,7 @@ def test_launch_kills_workers_at_the_time_limit(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the example
 
 
+@needs_peer_timeouts
 def test_example_survives_a_killed_process_and_resumes() -> None:
     stream = io.StringIO()
     argv = ["--processes", "2", "--devices", "2", "--steps", "12", "--checkpoint-every", "4", "--kill-at", "6"]

@@ -11,6 +11,7 @@ from helpers import f32, random_problem, run_steps, step_slice, steps_list
 from reference import Hyper, RmspropReference, ScaleByRmsReference, assert_tree_close, rmsprop_trajectory, to64
 
 import rmsprop_jax
+from rmsprop_jax import _compat
 
 # ---------------------------------------------------------------------------
 # Centered mode: v̂ − |m̂|² must never reach the square root negative
@@ -202,7 +203,7 @@ def test_float64_under_x64(split_complex):
         split_complex=split_complex,
     )
     params32, grads32 = random_problem(seed=33, steps=100, complex_leaf=True)
-    with jax.enable_x64(True):
+    with _compat.enable_x64(True):
         params = jax.tree.map(lambda x: jnp.asarray(to64(x)), params32)
         grads = jax.tree.map(lambda x: jnp.asarray(to64(x)), grads32)
         assert params["w"].dtype == jnp.float64 and params["z"].dtype == jnp.complex128

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from rmsprop_jax import RMSpropState, parity, presets
+from rmsprop_jax import RMSpropState, _compat, parity, presets
 
 # --------------------------------------------------------------------------- #
 # Parity with the real frameworks
@@ -70,7 +70,7 @@ def test_rule_check_detects_a_wrong_rule() -> None:
     case = parity.cases("dqn_nature")[0]
     nudged = parity.Case(case.framework, tuple((k, v * 1.001 if k == "eps" else v) for k, v in case.options))
     problem = parity._as_float64(parity.make_problem(case))
-    with jax.enable_x64(True):
+    with _compat.enable_x64(True):
         ours = parity.run_preset(nudged, problem)
     assert parity.relative_deviation(ours, parity.run_reference(case, problem)) > 1e-9
 
