@@ -2,8 +2,9 @@
 
 Build it with ``pip install -e ".[docs]" && sphinx-build -W -b html docs docs/_build/html``.
 The notebooks are rendered with the outputs saved in ``notebooks/`` (they are
-executed by the test suite, not here); the benchmarks page is the one page
-executed at build time, to plot ``benchmarks/RESULTS.md``.
+executed by the test suite, not here); two pages are executed at build time:
+"Getting started", whose outputs are its examples' real results, and
+"Benchmarks", which plots ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
