@@ -82,15 +82,22 @@ def _decoupled_decay(
     the params before the step, as Keras does, and the update is returned as
     the difference of the new and old params: the same math with Keras'
     rounding of the params; ``"multiply"`` decays them as ``x * (1 - eta * wd)``
-    instead (timm's in-place form, the factor rounded once). Half-precision params always take the decay inside
-    the update: rounded on its own, ``x - eta * wd * x`` is ``x`` in bfloat16
+    instead (timm's in-place form: the factor and the decayed params each
+    rounded once). Half-precision params always take the decay inside the
+    update: rounded on its own, ``x - eta * wd * x`` is ``x`` in bfloat16
     for any realistic rate, and the decay would be lost.
     """
     x_wide = x.astype(update.dtype)
     if not params_first or jnp.finfo(x.dtype).bits < 32:
         return update - eta * wd * x_wide
     if params_first == "multiply":
-        decayed = (x_wide * (1 - eta * wd)).astype(x.dtype)
+        decayed = x_wide * (1 - eta * wd)
+        # Left alone, XLA contracts this product and the step's addition below
+        # into one fused multiply-add, skipping the rounding of the decayed
+        # params that an in-place multiply does (timm drifted 1.4e-6 from it
+        # in 200 steps). A select between two equal values (both NaN when x
+        # is) makes the product a rounded value of its own.
+        decayed = jnp.where(jnp.isnan(x_wide), x_wide, decayed).astype(x.dtype)
     else:
         decayed = (x_wide - x_wide * wd * eta).astype(x.dtype)  # Keras' order: (x * wd) * lr
     stepped = (decayed.astype(update.dtype) + update).astype(x.dtype)

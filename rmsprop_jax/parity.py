@@ -157,43 +157,9 @@ class Case:
         parts += [f"{k}={v}" for k, v in self.options]
         return "-".join(p for p in parts if p)
 
-    @property
-    def known_gap(self) -> Gap | None:
-        """The known rounding difference that keeps this case from `TOLERANCE`, or None."""
-        options = self.kwargs
-        weight_decay = options.get("weight_decay") or 0.0
-        if self.framework == "timm_tf" and options.get("decoupled_decay") and weight_decay > 0:
-            return GAPS["timm-decay-form"]
-        return None
-
     def __str__(self) -> str:
         return self.name
 
-
-@dataclasses.dataclass(frozen=True)
-class Gap:
-    """A rounding behaviour of a framework that the core does not reproduce.
-
-    Attributes:
-      tag: a short identifier (used in test ids).
-      title: a few words for the parity table.
-      detail: what differs, and why it shows.
-    """
-
-    tag: str
-    title: str
-    detail: str
-
-
-GAPS = {
-    "timm-decay-form": Gap(
-        "timm-decay-form",
-        "with decoupled decay, timm's own rounding of the step accumulates",
-        "timm decays the params in place as x*(1 - lr*wd) before the step, which the preset reproduces "
-        '(decay_params_first="multiply"); what remains is timm\'s multi-tensor kernel rounding its step as '
-        "(g/D)*lr and its average as v + (1 - alpha)*(g^2 - v), which the decayed params carry from step to step.",
-    ),
-}
 
 #: Frameworks that round ``1 - decay`` once from the decay as given (a Python
 #: float); their presets get the decay as a concrete number (one compiled
@@ -786,40 +752,6 @@ def run_case(case: Case, steps: int = STEPS, precision: str = "float32") -> floa
     return relative_deviation(ours, run_reference(case, problem))
 
 
-@dataclasses.dataclass(frozen=True)
-class Group:
-    """Cases of one framework that are expected to pass or fail together.
-
-    Attributes:
-      framework: a key of `FRAMEWORKS`.
-      cases: the cases.
-      known_gap: None when every case should be within `TOLERANCE`; else the
-        core option they await.
-    """
-
-    framework: str
-    cases: tuple[Case, ...]
-    known_gap: Gap | None
-
-    @property
-    def name(self) -> str:
-        if self.known_gap is None:
-            return self.framework
-        return f"{self.framework}-needs-{self.known_gap.tag}"
-
-
-def groups(framework: str | None = None) -> list[Group]:
-    """The cases of each framework (or one), split by known gap."""
-    keys = list(FRAMEWORKS) if framework is None else [framework]
-    out = []
-    for key in keys:
-        by_gap: dict[Gap | None, list[Case]] = {}
-        for case in cases(key):
-            by_gap.setdefault(case.known_gap, []).append(case)
-        out += [Group(key, tuple(group), gap) for gap, group in by_gap.items()]
-    return out
-
-
 # --------------------------------------------------------------------------- #
 # End to end: a small torch model, and checkpoints
 # --------------------------------------------------------------------------- #
@@ -1030,19 +962,11 @@ def _framework_row(key: str, steps: int, log: Callable[[str], None]) -> Row:
         log(f"{key}: skipped ({error})")
         return Row(spec.title, "not installed", configurations, "—", "not run")
     start = time.perf_counter()
-    deviations = {case: run_case(case, steps) for case in group}
-    clean = [d for case, d in deviations.items() if case.known_gap is None]
-    text = _format_deviation(max(clean))
+    deviations = [run_case(case, steps) for case in group]
+    text = _format_deviation(max(deviations))
     if spec.peer is None:
         exact = max(run_case(case, steps, precision="float64") for case in group)
         text = f"{_format_deviation(exact)} (float64 params); {text} (float32 params)"
-    for gap in dict.fromkeys(case.known_gap for case in group if case.known_gap):
-        pending = [d for case, d in deviations.items() if case.known_gap == gap]
-        over = sum(d > TOLERANCE for d in pending)
-        text += (
-            f"; {_format_deviation(max(pending))} in the other {len(pending)} ({over} above {TOLERANCE:g}), "
-            f"where {gap.title}"
-        )
     log(f"{key}: {len(group)} cases, {text}, {time.perf_counter() - start:.1f} s")
     return Row(spec.title, version, configurations, text, spec.run_or_rule)
 
@@ -1105,10 +1029,6 @@ def render_markdown(rows: Sequence[Row], steps: int = STEPS) -> str:
         "“Rule-checked, not run” means that no runnable implementation exists here (Graves' paper, the Lua DQN "
         "code), and the preset is compared with a float64 transcription of the published update rule; the "
         "float32 figure shows float32 rounding alone.",
-        "",
-        "Configurations that exceed the target because the framework rounds an intermediate differently:",
-        "",
-        *[f"- *{gap.title}*: {gap.detail}" for gap in GAPS.values()],
         "",
         "The end-to-end run trains a tanh MLP on minibatches, each framework computing its own gradients "
         "(the loss in float64, so that both get the correctly rounded float32 gradients); training amplifies "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -641,6 +641,31 @@ def test_decay_params_first_rounds_the_params_like_keras():
     params = {"w": jnp.asarray(x)}
     u, _ = tx.update({"w": jnp.asarray(g)}, tx.init(params), params)
     np.testing.assert_array_equal(np.asarray(optax.apply_updates(params, u)["w"]), want)
+
+
+def test_decay_params_first_multiply_rounds_the_decayed_params_under_jit():
+    # timm: x1 = x * (1 - lr * wd) in place, then x2 = x1 + u. Under jit XLA would fuse the product
+    # and the addition into one fused multiply-add, which skips the rounding of x1.
+    rng = np.random.default_rng(22)
+    x = (rng.choice([-1.0, 1.0], 4096) * rng.uniform(0.5, 2.0, 4096)).astype(np.float32)
+    g = rng.standard_normal(4096).astype(np.float32)
+    lr, wd = np.float32(1e-2), np.float32(0.05)
+    plain = rmsprop_jax.rmsprop(float(lr))
+    u0, _ = plain.update({"w": jnp.asarray(g)}, plain.init({"w": jnp.asarray(x)}))
+    x1 = (x * (np.float32(1) - lr * wd)).astype(np.float32)
+    want = (x1 + np.asarray(u0["w"])).astype(np.float32)
+    fused = x.astype(np.float64) * np.float64(np.float32(1) - lr * wd) + np.asarray(u0["w"], np.float64)
+    assert np.any(fused.astype(np.float32) != want)  # the check can see a fused multiply-add
+    tx = rmsprop_jax.rmsprop(
+        float(lr), weight_decay=float(wd), decoupled_weight_decay=True, decay_params_first="multiply"
+    )
+
+    @jax.jit
+    def step(params: Any) -> Any:
+        u, _ = tx.update({"w": jnp.asarray(g)}, tx.init(params), params)
+        return optax.apply_updates(params, u)
+
+    np.testing.assert_array_equal(np.asarray(step({"w": jnp.asarray(x)})["w"]), want)
 
 
 def test_decay_params_first_keeps_the_decay_in_the_update_for_bfloat16():
