@@ -73,6 +73,11 @@ def _mask_leaves(mask: WeightDecayMask | None, params: optax.Params, treedef: ja
         raise TypeError("weight_decay_mask leaves must be Python bools, not traced arrays.") from error
 
 
+def _rounded(product: jax.Array, x: jax.Array) -> jax.Array:
+    """`product` (of `x` and scalars) as a rounded value of its own: not fused into a multiply-add nor reassociated."""
+    return jnp.where(jnp.isnan(x), x, product)
+
+
 def _decoupled_decay(
     update: jax.Array, x: jax.Array, wd: jax.Array, eta: jax.Array, *, params_first: bool | str
 ) -> jax.Array:
@@ -90,16 +95,16 @@ def _decoupled_decay(
     x_wide = x.astype(update.dtype)
     if not params_first or jnp.finfo(x.dtype).bits < 32:
         return update - eta * wd * x_wide
+    # Left alone, XLA contracts a product and the addition after it into one
+    # fused multiply-add and folds (x * wd) * eta into x * (wd * eta), both
+    # skipping roundings that the frameworks' separate operations do (timm
+    # drifted 1.4e-6 from it in 200 steps). A select between two equal values
+    # (both NaN when x is) makes each product a rounded value of its own.
     if params_first == "multiply":
-        decayed = x_wide * (1 - eta * wd)
-        # Left alone, XLA contracts this product and the step's addition below
-        # into one fused multiply-add, skipping the rounding of the decayed
-        # params that an in-place multiply does (timm drifted 1.4e-6 from it
-        # in 200 steps). A select between two equal values (both NaN when x
-        # is) makes the product a rounded value of its own.
-        decayed = jnp.where(jnp.isnan(x_wide), x_wide, decayed).astype(x.dtype)
+        decayed = _rounded(x_wide * (1 - eta * wd), x_wide).astype(x.dtype)
     else:
-        decayed = (x_wide - x_wide * wd * eta).astype(x.dtype)  # Keras' order: (x * wd) * lr
+        decayed = x_wide - _rounded(_rounded(x_wide * wd, x_wide) * eta, x_wide)  # Keras: (x * wd) * lr
+        decayed = decayed.astype(x.dtype)
     stepped = (decayed.astype(update.dtype) + update).astype(x.dtype)
     return stepped.astype(update.dtype) - x_wide
 

@@ -626,39 +626,30 @@ def test_types_state_and_extra_args():
     chex.assert_trees_all_close(with_extra, plain, rtol=1e-6)
 
 
-def test_decay_params_first_rounds_the_params_like_keras():
-    # Keras: x1 = x - (x * wd) * lr in float32, then x2 = x1 + u, with u the step without decay.
-    # The step is small next to |x| (as in training), so x2 - x is exact and x + (x2 - x) is x2.
-    rng = np.random.default_rng(21)
-    x = (rng.choice([-1.0, 1.0], 512) * rng.uniform(0.5, 2.0, 512)).astype(np.float32)
-    g = rng.standard_normal(512).astype(np.float32)
-    lr, wd = np.float32(1e-3), np.float32(0.05)
-    plain = rmsprop_jax.rmsprop(float(lr))
-    u0, _ = plain.update({"w": jnp.asarray(g)}, plain.init({"w": jnp.asarray(x)}))
-    x1 = (x - (x * wd) * lr).astype(np.float32)
-    want = (x1 + np.asarray(u0["w"])).astype(np.float32)
-    tx = rmsprop_jax.rmsprop(float(lr), weight_decay=float(wd), decoupled_weight_decay=True, decay_params_first=True)
-    params = {"w": jnp.asarray(x)}
-    u, _ = tx.update({"w": jnp.asarray(g)}, tx.init(params), params)
-    np.testing.assert_array_equal(np.asarray(optax.apply_updates(params, u)["w"]), want)
-
-
-def test_decay_params_first_multiply_rounds_the_decayed_params_under_jit():
-    # timm: x1 = x * (1 - lr * wd) in place, then x2 = x1 + u. Under jit XLA would fuse the product
-    # and the addition into one fused multiply-add, which skips the rounding of x1.
+@pytest.mark.parametrize(
+    "option, decayed",
+    [
+        # Keras: x1 = x - (x * wd) * lr in float32, then x2 = x1 + u.
+        (True, lambda x, lr, wd: (x - (x * wd) * lr).astype(np.float32)),
+        # timm: x1 = x * (1 - lr * wd) in place, then x2 = x1 + u.
+        ("multiply", lambda x, lr, wd: (x * (np.float32(1) - lr * wd)).astype(np.float32)),
+    ],
+    ids=["keras", "multiply"],
+)
+def test_decay_params_first_rounds_the_decayed_params_under_jit(option, decayed):
+    # u is the step without decay. The step is small next to |x| (as in training), so x2 - x is
+    # exact and x + (x2 - x) is x2. Under jit XLA may fuse a product and the addition after it into
+    # one fused multiply-add, which would skip the rounding of x1.
     rng = np.random.default_rng(22)
     x = (rng.choice([-1.0, 1.0], 4096) * rng.uniform(0.5, 2.0, 4096)).astype(np.float32)
     g = rng.standard_normal(4096).astype(np.float32)
     lr, wd = np.float32(1e-2), np.float32(0.05)
     plain = rmsprop_jax.rmsprop(float(lr))
-    u0, _ = plain.update({"w": jnp.asarray(g)}, plain.init({"w": jnp.asarray(x)}))
-    x1 = (x * (np.float32(1) - lr * wd)).astype(np.float32)
-    want = (x1 + np.asarray(u0["w"])).astype(np.float32)
-    fused = x.astype(np.float64) * np.float64(np.float32(1) - lr * wd) + np.asarray(u0["w"], np.float64)
+    u0 = np.asarray(plain.update({"w": jnp.asarray(g)}, plain.init({"w": jnp.asarray(x)}))[0]["w"])
+    want = (decayed(x, lr, wd) + u0).astype(np.float32)
+    fused = x.astype(np.float64) * np.float64(np.float32(1) - lr * wd) + u0.astype(np.float64)
     assert np.any(fused.astype(np.float32) != want)  # the check can see a fused multiply-add
-    tx = rmsprop_jax.rmsprop(
-        float(lr), weight_decay=float(wd), decoupled_weight_decay=True, decay_params_first="multiply"
-    )
+    tx = rmsprop_jax.rmsprop(float(lr), weight_decay=float(wd), decoupled_weight_decay=True, decay_params_first=option)
 
     @jax.jit
     def step(params: Any) -> Any:
