@@ -361,12 +361,15 @@ def rmsprop(
                 mom = jnp.asarray(momentum, real)
                 step = eta * s if lr_in_momentum else s
                 b_new = mom * b.astype(cdtype) + step
-                # The twin (the same value) lets XLA recompute the step next to the params.
-                direction = mom * b_new + (eta * s_twin if lr_in_momentum else s_twin) if nesterov else b_new
-                update = -direction if lr_in_momentum else -eta * direction
                 _, b_fmt = storage.stored_formats(nu, b)
                 assert b_fmt is not None
                 b = b_fmt.store(b_new, b, _random.step_key(count, i, _random.MOMENTUM))
+                if b_fmt.reads_back:
+                    b = formats.written(b, count)
+                    b_new = b_fmt.load(b, cdtype)
+                # The twin (the same value) lets XLA recompute the step next to the params.
+                direction = mom * b_new + (eta * s_twin if lr_in_momentum else s_twin) if nesterov else b_new
+                update = -direction if lr_in_momentum else -eta * direction
             if decoupled and decays:
                 update = _decoupled_decay(update, x, wd, eta, params_first=decay_params_first)
             if unapplied_decay is not None:

@@ -19,7 +19,9 @@ the state (the update, ``init``, ``flat=True``, `rmsprop_jax.sharding.zero1`,
   new value in float32 for this step's update and its stored form; `x` is an
   array or an `Elementwise` function of arrays, which a format may slice
   before computing it;
-* ``decode(stored)``: the values for reading (diagnostics, plots).
+* ``decode(stored)``: the values for reading (diagnostics, plots);
+* ``reads_back``: whether this step's update uses the stored new value
+  (`written`, then ``load``) instead of the float32 value before rounding.
 
 The formats:
 
@@ -72,6 +74,7 @@ __all__ = [
     "make_storage",
     "quantize",
     "state_bytes",
+    "written",
 ]
 
 DEFAULT_BLOCK_SIZE = 256
@@ -160,6 +163,23 @@ class Elementwise:
 def value(x: jax.Array | Elementwise) -> jax.Array:
     """The array an average input stands for."""
     return x.of(lambda a: a) if isinstance(x, Elementwise) else x
+
+
+def written(stored: Any, count: jax.Array) -> Any:
+    """`stored` (a stored buffer) unchanged, as a value that XLA writes out before anything reads it.
+
+    Reading a new buffer back through this keeps XLA from recomputing it
+    from the old one in every kernel that uses it (it duplicates cheap
+    elementwise producers into their consumers): the kernel that reads it
+    then runs after the one that writes it, and the old buffer, overwritten
+    in place, needs no copy. It is a conditional on a predicate that holds
+    at every step (the step count never goes below zero) whose other branch
+    is a different identity (XLA removes a conditional whose branches are
+    the same).
+    """
+    return jax.lax.cond(
+        count >= 0, lambda t: t, lambda t: jax.tree.map(lambda a: a + jnp.zeros((), a.dtype), t), stored
+    )
 
 
 # --------------------------------------------------------------------------- the row view
@@ -458,6 +478,17 @@ class Dense:
     def rounds_stochastically(self) -> bool:
         return self.stochastic and _low_precision(self.dtype)
 
+    @property
+    def reads_back(self) -> bool:
+        """True below float32: the update reads the written buffer (see `written`).
+
+        Computing the update from the float32 value means recomputing it from
+        the old buffer next to the params, while another kernel overwrites
+        that buffer in place; XLA then copies the old buffer first (2 bytes
+        per param for bfloat16, and a state-sized temporary).
+        """
+        return _low_precision(self.dtype)
+
     def init(self, like: jax.Array, value: Any) -> jax.Array:
         return filled_like(like, value, self.dtype)
 
@@ -613,6 +644,11 @@ class Blockwise:
     def decode(self, stored: QuantizedArray) -> jax.Array:
         return dequantize(stored)
 
+    # The codes are a few percent off elementwise; the update keeps the exact
+    # float32 value (1 / sqrt of a noisy value is biased upward), and reading
+    # the codes back measured no faster.
+    reads_back = False
+
 
 # Adafactor's ε₁, added to the squared gradient before the row and column means so
 # that an all-zero row cannot make the estimate 0/0.
@@ -706,6 +742,9 @@ class Factored:
 
     def decode(self, stored: FactoredArray) -> jax.Array:
         return self._reconstruct(stored.row, stored.col)
+
+    # The factors are small, and the update already computes the new ones.
+    reads_back = False
 
 
 Format = Dense | Blockwise | Factored

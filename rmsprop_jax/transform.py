@@ -218,6 +218,9 @@ def rms_scale_leaf(
     # |g|^2 (real for complex g), as a function of g so that a format can slice g first.
     squared = formats.Elementwise(abs_squared, (g,))
     v_new, nu_out = nu_fmt.average(nu, squared, decay, complement, _random.step_key(count, leaf, _random.NU))
+    if nu_fmt.reads_back:
+        nu_out = formats.written(nu_out, count)
+        v_new = nu_fmt.load(nu_out, real)
     v_hat = v_new
     # Multiplying by the reciprocal, rather than dividing, is written out because
     # XLA makes that rewrite in some programs and not others (e.g. sharded vs
@@ -233,12 +236,15 @@ def rms_scale_leaf(
         mu_old = signed_fmt.load(mu, g.dtype)
         # "weighted" (Keras 3) rounds the same average as decay * m + (1 - decay) * g.
         mu_new = decay * mu_old + complement * g if centered_average == "weighted" else lerp(mu_old, g, weight)
+        mu_out = signed_fmt.store(mu_new, mu, _random.step_key(count, leaf, _random.MU))
+        if signed_fmt.reads_back:
+            mu_out = formats.written(mu_out, count)
+            mu_new = signed_fmt.load(mu_out, g.dtype)
         m_hat = mu_new if correction is None else mu_new * correction
         m_squared = abs_squared(m_hat)
         # Rounding can make v - m^2 slightly negative (constant gradients do it
         # in float32 within ~1000 steps); the clamp keeps sqrt away from NaN.
         v_hat = jnp.maximum(v_hat - m_squared, 0)
-        mu_out = signed_fmt.store(mu_new, mu, _random.step_key(count, leaf, _random.MU))
     # With eps in the root, XLA would rewrite x / sqrt(y) as x * rsqrt(y), and a product can
     # fuse with a later ``params + updates`` into one FMA in some programs and not others;
     # the max (an identity here, NaN included) keeps the division.

@@ -89,3 +89,15 @@ def nnx_update(optimizer: Any, model: Any, grads: Any) -> None:
         optimizer.update(model, grads)
     else:
         optimizer.update(grads)
+
+
+def step_temp_bytes(tx: optax.GradientTransformation, params: Any) -> int:
+    """XLA's temporary buffer size for a jitted update + apply, params and state donated."""
+    state = tx.init(params)
+
+    def step(p: Any, s: Any, g: Any) -> Any:
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
