@@ -364,9 +364,7 @@ def rmsprop(
                 _, b_fmt = storage.stored_formats(nu, b)
                 assert b_fmt is not None
                 b = b_fmt.store(b_new, b, _random.step_key(count, i, _random.MOMENTUM))
-                if b_fmt.reads_back:
-                    b = formats.written(b, count)
-                    b_new = b_fmt.load(b, cdtype)
+                b_new, b = formats.for_update(b_fmt, b_new, b, count, cdtype)
                 # The twin (the same value) lets XLA recompute the step next to the params.
                 direction = mom * b_new + (eta * s_twin if lr_in_momentum else s_twin) if nesterov else b_new
                 update = -direction if lr_in_momentum else -eta * direction

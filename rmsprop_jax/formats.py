@@ -21,7 +21,7 @@ the state (the update, ``init``, ``flat=True``, `rmsprop_jax.sharding.zero1`,
   before computing it;
 * ``decode(stored)``: the values for reading (diagnostics, plots);
 * ``reads_back``: whether this step's update uses the stored new value
-  (`written`, then ``load``) instead of the float32 value before rounding.
+  (`for_update`) instead of the float32 value before rounding.
 
 The formats:
 
@@ -69,6 +69,7 @@ __all__ = [
     "decode",
     "dequantize",
     "factored_axes",
+    "for_update",
     "format_of",
     "is_stored_node",
     "make_storage",
@@ -180,6 +181,18 @@ def written(stored: Any, count: jax.Array) -> Any:
     return jax.lax.cond(
         count >= 0, lambda t: t, lambda t: jax.tree.map(lambda a: a + jnp.zeros((), a.dtype), t), stored
     )
+
+
+def for_update(fmt: Format, value: jax.Array, stored: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, Any]:
+    """``(value for this step's update, stored form)`` of a new buffer that `fmt` stored from `value`.
+
+    The float32 `value` itself, or, where ``fmt.reads_back``, the stored
+    form loaded back in `dtype` through `written`.
+    """
+    if not fmt.reads_back:
+        return value, stored
+    stored = written(stored, count)
+    return fmt.load(stored, dtype), stored
 
 
 # --------------------------------------------------------------------------- the row view

@@ -218,9 +218,7 @@ def rms_scale_leaf(
     # |g|^2 (real for complex g), as a function of g so that a format can slice g first.
     squared = formats.Elementwise(abs_squared, (g,))
     v_new, nu_out = nu_fmt.average(nu, squared, decay, complement, _random.step_key(count, leaf, _random.NU))
-    if nu_fmt.reads_back:
-        nu_out = formats.written(nu_out, count)
-        v_new = nu_fmt.load(nu_out, real)
+    v_new, nu_out = formats.for_update(nu_fmt, v_new, nu_out, count, real)
     v_hat = v_new
     # Multiplying by the reciprocal, rather than dividing, is written out because
     # XLA makes that rewrite in some programs and not others (e.g. sharded vs
@@ -237,9 +235,7 @@ def rms_scale_leaf(
         # "weighted" (Keras 3) rounds the same average as decay * m + (1 - decay) * g.
         mu_new = decay * mu_old + complement * g if centered_average == "weighted" else lerp(mu_old, g, weight)
         mu_out = signed_fmt.store(mu_new, mu, _random.step_key(count, leaf, _random.MU))
-        if signed_fmt.reads_back:
-            mu_out = formats.written(mu_out, count)
-            mu_new = signed_fmt.load(mu_out, g.dtype)
+        mu_new, mu_out = formats.for_update(signed_fmt, mu_new, mu_out, count, g.dtype)
         m_hat = mu_new if correction is None else mu_new * correction
         m_squared = abs_squared(m_hat)
         # Rounding can make v - m^2 slightly negative (constant gradients do it
