@@ -493,14 +493,19 @@ class Dense:
 
     @property
     def reads_back(self) -> bool:
-        """True below float32: the update reads the written buffer (see `written`).
+        """True for bfloat16: the update reads the written buffer (see `written`).
 
         Computing the update from the float32 value means recomputing it from
         the old buffer next to the params, while another kernel overwrites
         that buffer in place; XLA then copies the old buffer first (2 bytes
         per param for bfloat16, and a state-sized temporary).
+
+        Only for dtypes with float32's exponent range. float16 underflows
+        below 6e-8, where (1 − γ)·g² of small gradients lies: its stored `v`
+        can be 0, and a step that read it back would divide by ε alone. So
+        float16 state keeps the copy and steps with the float32 value.
         """
-        return _low_precision(self.dtype)
+        return _low_precision(self.dtype) and jnp.finfo(self.dtype).minexp <= jnp.finfo(jnp.float32).minexp
 
     def init(self, like: jax.Array, value: Any) -> jax.Array:
         return filled_like(like, value, self.dtype)

@@ -10,10 +10,12 @@ Ways to store the state in fewer bytes, selected by options of
   probability :math:`(x - a) / (b - a)` and as a otherwise, so the stored
   value is x *in expectation*. With round-to-nearest, ``0.999 * v`` rounds
   back to v in bfloat16 (8 significant bits) and the average never forgets;
-  with stochastic rounding it decays like :math:`0.999^t` on average. The
-  update uses the new buffers as stored (rounded), so that XLA overwrites the
-  old state in place instead of copying it first
-  (`rmsprop_jax.formats.written`).
+  with stochastic rounding it decays like :math:`0.999^t` on average. With
+  bfloat16 the update uses the new buffers as stored (rounded), so that XLA
+  overwrites the old state in place instead of copying it first
+  (`rmsprop_jax.formats.written`). float16 cannot: it underflows below 6e-8,
+  where (1 − γ)·g² of small gradients lies, so its update uses the float32
+  value and XLA keeps the copy.
 
 * ``state_bits=8``: ``nu`` as one unsigned byte per element plus one float32
   scale per block of ``block_size`` elements (default 256) along the leaf's
