@@ -4,10 +4,13 @@
 scale per block that bounds the block's values, stochastic rounding) with each candidate map and
 compares the decoded values with the float32 average of the same gradients:
 
-* **power**: the map in use, code c stands for s·(c/L)⁴ (`rmsprop_jax.formats`);
+* **power**: code c stands for s·(c/L)⁴, the 4-bit map in use (`rmsprop_jax.formats`);
 * **exponent–mantissa (mM)**: code c stands for the float32 whose bits are those of 1.0 minus
   (L − c)·2^(23 − M), i.e. M mantissa bits per binade below the block scale, 0 for code 0. Its
-  codes are the top bits of the float32 ratio v/s, so encoding is integer arithmetic.
+  codes are the top bits of the float32 ratio v/s, so encoding is integer arithmetic;
+* **two segments (mA/mB)**: A mantissa bits per binade over the top binades, B below them;
+  m5/m3 (the top 4 binades, 128 codes, at 5 bits) is the 8-bit map in use, m4/m3 splits at
+  8 binades.
 
 Two gradient streams: *mixed*, per-element gradient scales over 2 decades with half of the
 elements going quiet halfway (their average must keep decaying); *swamping*, unit gradients for
@@ -28,37 +31,28 @@ from rmsprop_jax import _random, formats
 
 Decode = Callable[[jax.Array], jax.Array]  # codes -> ratio v/s in [0, 1]
 Encode = Callable[[jax.Array, jax.Array], jax.Array]  # (ratio, uniform draws) -> codes
-ONE_BITS = 0x3F800000  # the bits of float32 1.0
+
+
+def _bits(u: jax.Array) -> jax.Array:
+    return (u * 2.0**24).astype(jnp.uint32) << 8  # the formats draw from the top bits
 
 
 def power_map(bits: int) -> tuple[Decode, Encode]:
-    """The fourth-power map of `rmsprop_jax.formats`, with uniform draws in place of random bits."""
+    """The fourth-power map of `rmsprop_jax.formats` (its 4-bit map), with uniform draws in place of random bits."""
     levels = (1 << bits) - 1
+    return (lambda c: formats.power_value(c, levels)), (lambda r, u: formats.power_codes(r, _bits(u), levels))
 
-    def encode(r: jax.Array, u: jax.Array) -> jax.Array:
-        u_bits = (u * 2.0**24).astype(jnp.uint32) << 8  # formats draws from the top 24 bits
-        return formats._encode_part(r, u_bits, levels)
 
-    return (lambda c: formats._code_value(c, levels)), encode
+def float_map(bits: int, fine_binades: int, fine_bits: int, coarse_bits: int) -> tuple[Decode, Encode]:
+    """The float map of `rmsprop_jax.formats` (`formats.float_value`) with the given segments."""
+    shape = dict(levels=(1 << bits) - 1, fine_binades=fine_binades, fine_bits=fine_bits, coarse_bits=coarse_bits)
+    return (lambda c: formats.float_value(c, **shape)), (lambda r, u: formats.float_codes(r, _bits(u), **shape))
 
 
 def exponent_mantissa_map(bits: int, mantissa_bits: int) -> tuple[Decode, Encode]:
+    """One segment of `mantissa_bits` per binade over all the codes."""
     levels = (1 << bits) - 1
-    shift = 23 - mantissa_bits
-
-    def decode(c: jax.Array) -> jax.Array:
-        c = c.astype(jnp.int32)
-        ratio = jax.lax.bitcast_convert_type(jnp.int32(ONE_BITS) - ((levels - c) << shift), jnp.float32)
-        return jnp.where(c > 0, ratio, 0.0)
-
-    def encode(r: jax.Array, u: jax.Array) -> jax.Array:
-        # Codes step linearly within a binade, so adding uniform bits below the kept ones and
-        # truncating rounds up with probability proportional to the distance: unbiased in value.
-        t = jax.lax.bitcast_convert_type(r, jnp.int32) - jnp.int32(ONE_BITS) + (levels << shift)
-        c = (t + (u * (1 << shift)).astype(jnp.int32)) >> shift
-        return jnp.clip(c, jnp.where(r > 0, 1, 0), levels)
-
-    return decode, encode
+    return float_map(bits, -(-(levels + 1) // (1 << mantissa_bits)), mantissa_bits, mantissa_bits)
 
 
 def run_average(code_map: tuple[Decode, Encode], block: int, grads: np.ndarray, decay: float) -> tuple:
@@ -99,6 +93,8 @@ CANDIDATES: dict[int, dict[str, tuple[Decode, Encode]]] = {
         "m3": exponent_mantissa_map(8, 3),
         "m4": exponent_mantissa_map(8, 4),
         "m5": exponent_mantissa_map(8, 5),
+        "m5/m3": float_map(8, formats.FINE_BINADES, formats.FINE_BITS, formats.COARSE_BITS),
+        "m4/m3": float_map(8, 8, 4, 3),
     },
     4: {"power": power_map(4), "m0": exponent_mantissa_map(4, 0), "m1": exponent_mantissa_map(4, 1)},
 }

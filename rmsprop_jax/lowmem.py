@@ -18,38 +18,46 @@ Ways to store the state in fewer bytes, selected by options of
   value and XLA keeps the copy.
 
 * ``state_bits=8``: ``nu`` as one unsigned byte per element plus one float32
-  scale per block of ``block_size`` elements (default 256) along the leaf's
-  last axis (its trailing axes merged when the last one is shorter than a
-  block), 1 + 4/256 ≈ 1.016 bytes per parameter when the last axis is a
-  multiple of the block size. The codes keep the leading axes of the leaf,
-  so they shard like it. Since :math:`v \ge 0` the code
-  map is unsigned and uses all 256 codes: code c stands for
+  scale per block of ``block_size`` elements (default 256) running down the
+  leaf's first axis (its leading axes merged when the first one is shorter
+  than a block): a block is 256 consecutive rows in one column, 1 + 4/256 ≈
+  1.016 bytes per parameter. The codes are shaped like the leaf, so they
+  shard like it. Blocks down a major axis keep every loop of the step
+  contiguous: on XLA:CPU the block maxima of blocks along the last axis
+  cost ~3x more (they reduce within each vector). Since :math:`v \ge 0` the
+  code map is unsigned and uses all 256 codes: code c stands for
+  :math:`s_B` times a small float below 1, with 5 mantissa bits (32 codes
+  per binade, steps of 1.6-3.1 %) over the top four binades, codes 255 down
+  to 128 = 1/16, and 3 mantissa bits (8 per binade, steps of 6-12.5 %)
+  below, down to code 1 at :math:`2^{-19}\cdot 10/16 \approx 1.2\cdot
+  10^{-6} s_B`; code 0 is 0. The codes are the top bits of the float32
+  ratio :math:`v / s_B`, so encoding and decoding are integer operations
+  (the earlier fourth-power map, :math:`(c/255)^4`, needs two square roots
+  per element: its codes kernel alone took 10.3 ms at 1e7 elements on 2 CPU
+  cores, the float map's 4.3 ms). It was chosen with
+  ``python -m benchmarks.code_maps``: under signal swamping its median
+  elementwise error is 5.9 % (fourth-power map 7.5 %) and on values spread
+  over four decades 16.5 % (15.9 %). A non-zero v is never stored as 0 (it
+  would make the step g/ε explode): values below the first code are stored
+  as code 1, which only shrinks their step. The new codes are drawn with
+  stochastic rounding between the two neighbouring codes, unbiased in
+  value; with decay 0.999 the per-step change of v is far below one code
+  step and round-to-nearest would freeze v. The block scale is the bound
+  :math:`s_B \leftarrow \gamma s_B + (1-\gamma) \max_{i\in B} g_i^2` of the
+  block maximum (every stored v is at most :math:`s_B`), which needs only
+  the gradients. Leaves of fewer than 4096 elements (and complex ``nu`` of
+  ``split_complex``) keep ``nu`` unquantized in the state dtype. Each step
+  decodes, computes the new ``nu`` in float32 and re-quantizes it; the
+  update reads the stored codes back (like bfloat16 state, so that XLA
+  overwrites the old codes in place instead of copying them first), so a
+  step moves by at most half a code step of v.
 
-  .. math:: v = s_B \, (c / 255)^4
-
-  so the spacing of the codes is finest near the top of the block, where
-  most values lie (relative step ≈ 4/c: 1.6 % at the top, 2.8 % at
-  :math:`0.1 s_B`, 10 % at :math:`6\cdot 10^{-4} s_B`), and the smallest
-  non-zero code is :math:`s_B / 255^4 \approx 2.4\cdot 10^{-10} s_B`. A
-  non-zero v is never stored as 0 (it would make the step g/ε explode):
-  values below the first code are stored as code 1, which only shrinks their
-  step. The new codes are drawn with stochastic rounding between the two
-  neighbouring codes, unbiased in value; with decay 0.999 the per-step change
-  of v is far below one code step and round-to-nearest would freeze v. The
-  block scale is the bound :math:`s_B \leftarrow \gamma s_B + (1-\gamma)
-  \max_{i\in B} g_i^2` of the block maximum (every stored v is at most
-  :math:`s_B`), which needs only the gradients. Leaves of fewer than 4096
-  elements (and complex ``nu`` of ``split_complex``) keep ``nu`` unquantized
-  in the state dtype. Each step dequantizes, computes the new ``nu`` and the update
-  in float32, then re-quantizes.
-
-* ``state_bits=4``: the same map with 15 as the top code, :math:`v = s_B
-  (c/15)^4`, two codes per byte and a float32 scale per block of 128 by
+* ``state_bits=4``: the fourth-power map with 15 as the top code, :math:`v = s_B
+  (c/15)^4`, two codes per byte and a float32 scale per block of 128 rows by
   default: 0.5 + 4/128 ≈ 0.53 bytes per parameter. A byte holds the codes of
-  the same element in two neighbouring rows (rows 2i and 2i + 1 of the first
-  leading axis), so every loop stays contiguous; a leaf that is a single row
-  is cut into rows of one block, and one whose length is not a multiple of
-  the block keeps 8-bit codes. Code 0 again stands only for v = 0. With 16
+  the same element in two neighbouring rows (rows 2i and 2i + 1), which lie
+  in one block, so every loop stays contiguous; an odd last row is paired
+  with zero codes. Code 0 again stands only for v = 0. With 16
   codes a step of v is far below one code for any decay near 1 (*signal
   swamping*): with round-to-nearest the stored v sticks,
   while stochastic rounding keeps the mean unbiased at the price of
@@ -57,14 +65,17 @@ Ways to store the state in fewer bytes, selected by options of
   8,192 elements at decay 0.999, 1,500 steps of unit-scale gradients and
   then 2,500 steps 100× smaller: the mean of the stored v ends +33 % above
   the float32 average with round-to-nearest and +0.3 % with stochastic
-  rounding (median elementwise error 34 %; 8-bit: +0.1 %, 7 %). The noise
+  rounding (median elementwise error 34 %). The noise
   makes 4-bit steps larger on average, since 1/√v of an unbiased but noisy v
   is larger than 1/√ of its mean: 1.41× the float32 step on average over the
-  elements of the swamping stream in ``benchmarks/RESULTS.md`` (8-bit:
-  1.016×), so 4-bit state acts like a somewhat larger learning rate. The
+  elements of the swamping stream in ``benchmarks/RESULTS.md``,
+  so 4-bit state acts like a somewhat larger learning rate, and its update
+  keeps the float32 value of the step. The
   fourth-power map keeps the smallest code at :math:`s_B/15^4 = 2\cdot 10^{-5} s_B`, so values four
   decades below their block maximum are still represented; a linear map
-  without a zero code would clamp everything under :math:`s_B/15` up to it.
+  without a zero code would clamp everything under :math:`s_B/15` up to it,
+  and 4-bit float maps lose to it under swamping (median error 48 % with one
+  code per binade).
 
 * ``factored=True``: ``nu`` of every matrix whose two largest axes both have
   at least ``factored_min_dim`` (128) elements is kept as Adafactor's

@@ -365,8 +365,8 @@ def scale_by_rms(
         with a float32 scale per block
         (:class:`rmsprop_jax.formats.QuantizedArray`): about 1.016 (0.53)
         bytes per element; leaves under 4096 elements stay unquantized.
-      block_size: elements per block (default 256 for 8 bits, 128 for 4;
-        needs ``state_bits``).
+      block_size: elements per block, consecutive rows down the leaf's first
+        axis (default 256 for 8 bits, 128 for 4; needs ``state_bits``).
       factored: store ``nu`` of leaves whose two largest axes both have at
         least ``factored_min_dim`` elements as Adafactor's running row and
         column means (:class:`rmsprop_jax.formats.FactoredArray`, n + m

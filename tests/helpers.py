@@ -101,3 +101,17 @@ def step_temp_bytes(tx: optax.GradientTransformation, params: Any) -> int:
 
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
     return compiled.memory_analysis().temp_size_in_bytes
+
+
+def code_values_8bit() -> np.ndarray:
+    """The 256 ratios v/s of the 8-bit code map, from its definition (float64).
+
+    A float below 1.0 with 5 mantissa bits over the top 4 binades and 3 below:
+    for c >= 128, with 255 - c = 32k + j, code c is 2^-k (64 - j) / 64; for
+    0 < c < 128, with 127 - c = 8k + j, it is 2^-(4 + k) (16 - j) / 16; code 0 is 0.
+    """
+    c = np.arange(256)
+    d_fine, d_coarse = 255 - c, 127 - c
+    fine = 2.0 ** -(d_fine // 32).astype(np.float64) * (64 - d_fine % 32) / 64
+    coarse = 2.0 ** -(4 + d_coarse // 8).astype(np.float64) * (16 - d_coarse % 8) / 16
+    return np.where(c >= 128, fine, np.where(c > 0, coarse, 0.0))

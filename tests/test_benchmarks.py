@@ -51,10 +51,16 @@ def test_code_map_candidates_decode_their_own_codes_and_round_without_bias():
     from benchmarks import code_maps
     from rmsprop_jax import formats
 
-    # The "power" candidate is the library's map: a block holding every code decodes to s·(c/255)^4.
-    decode, _ = code_maps.power_map(8)
-    q = formats.quantize(jnp.asarray((np.arange(256) / 255.0) ** 4 * 2.0, jnp.float32), block_size=256)
-    np.testing.assert_allclose(2.0 * np.asarray(decode(q.codes)), np.asarray(formats.dequantize(q)), rtol=1e-6)
+    # The "power" candidate at 4 bits is the library's 4-bit map: code c stands for s·(c/15)^4.
+    decode, _ = code_maps.power_map(4)
+    v = jnp.asarray((np.arange(256) % 16 / 15.0) ** 4 * 2.0, jnp.float32).reshape(256, 1)
+    q = formats.quantize(v.at[::128].set(2.0), block_size=128, code_bits=4)
+    codes = np.stack([np.asarray(q.codes) & 15, np.asarray(q.codes) >> 4], 1).reshape(256, 1)
+    np.testing.assert_allclose(2.0 * np.asarray(decode(codes)), np.asarray(formats.dequantize(q)), rtol=1e-6)
+    # "m5/m3" is the library's 8-bit map: a block holding every code value gets every code.
+    decode, _ = code_maps.CANDIDATES[8]["m5/m3"]
+    q = formats.quantize(jnp.asarray(decode(jnp.arange(256)) * 2.0, jnp.float32), block_size=256)
+    np.testing.assert_array_equal(np.asarray(q.codes), np.arange(256))
     # Exponent–mantissa codes: 1.0 is the top code, each binade holds 2^M codes, code 0 is 0.
     decode, encode = code_maps.exponent_mantissa_map(8, 4)
     values = np.asarray(decode(jnp.arange(256)), np.float64)
@@ -67,4 +73,4 @@ def test_code_map_candidates_decode_their_own_codes_and_round_without_bias():
     lo, hi = values[values <= 0.3].max(), values[values > 0.3].min()
     assert abs(float(np.mean(np.asarray(decode(encode(r, u))))) - 0.3) < 4 * (hi - lo) / 2 / np.sqrt(20000)
     rows = code_maps.compare(quick=True)
-    assert [row[:2] for row in rows][:2] == [["8-bit", "power"], ["8-bit", "m3"]] and len(rows) == 7
+    assert [row[:2] for row in rows][:2] == [["8-bit", "power"], ["8-bit", "m3"]] and len(rows) == 9

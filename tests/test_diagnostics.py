@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import nnx_update, random_problem, run_steps, step_slice, steps_list
+from helpers import code_values_8bit, nnx_update, random_problem, run_steps, step_slice, steps_list
 from reference import Hyper, RmspropReference, ScaleByRmsReference, to64
 
 import rmsprop_jax
@@ -240,9 +240,10 @@ def test_quantized_nu_is_decoded_by_its_code_map():
     for _ in range(3):
         _, state = tx.update(grads, state, params)
     q = state.nu["w"]
-    # Code c of a block with scale s stands for s * (c / 255)^4; blocks of 256 along each row.
-    codes = np.asarray(q.codes, np.float64).reshape(16, 2, 256)
-    v = (np.asarray(q.scale, np.float64)[:, :, None] * (codes / 255) ** 4).reshape(16, 512)
+    # Code c of a block with scale s stands for s times the map's ratio; the first axis (16) holds
+    # less than a block, so the blocks are 256 consecutive elements of the flattened leaf.
+    ratio = code_values_8bit()[np.asarray(q.codes).reshape(32, 256)]
+    v = (np.asarray(q.scale, np.float64)[:, None] * ratio).reshape(16, 512)
     lr = diagnostics.effective_learning_rate(state, learning_rate=0.1)
     np.testing.assert_allclose(np.asarray(lr["w"], np.float64), 0.1 / (np.sqrt(v) + 1e-8), rtol=1e-6)
     logs = diagnostics.summary(state, learning_rate=0.1)

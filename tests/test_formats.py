@@ -33,47 +33,46 @@ def test_4bit_packs_two_codes_per_byte_and_costs_at_most_055_byte_per_param():
     state = rmsprop_jax.rmsprop(1e-3, state_bits=4).init({"w": jnp.zeros((256, 1024)), "b": jnp.zeros(1024)})
     q = state.nu["w"]
     assert isinstance(q, formats.QuantizedArray) and q.bits == 4 and q.block_size == 128
-    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (128, 1024) and q.scale.shape == (256, 8)
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (128, 1024) and q.scale.shape == (2, 1024)
     assert lowmem.state_bytes(q) / (256 * 1024) == 0.5 + 4 / 128  # 0.53125
     assert state.nu["b"].dtype == jnp.float32  # under 4096 elements: dense
 
 
 def test_4bit_rounds_to_the_nearest_code_and_never_to_zero():
     rng = np.random.default_rng(0)
-    v = (10 ** rng.uniform(-12, 0, size=(5, 257))).astype(np.float32)  # an odd row count and a short last block
-    v[:, 0] = 2.0  # the block maxima of the first blocks
+    v = (10 ** rng.uniform(-12, 0, size=(257, 5))).astype(np.float32)  # an odd row count and a short last block
+    v[0] = v[128] = 2.0  # the block maxima of the first blocks of each column
     q = formats.quantize(jnp.asarray(v), block_size=128, code_bits=4)
-    codes = _codes(q)[:5]
+    assert q.codes.shape == (129, 5) and q.scale.shape == (3, 5)
+    codes = _codes(q)[:257]
     assert codes.min() >= 1
     scale = np.asarray(q.scale, np.float64)
-    block_of = np.arange(257) // 128
-    ratio = v.astype(np.float64) / scale[:, block_of]
+    block_of = np.arange(257) // 128  # blocks run down the rows
+    ratio = v.astype(np.float64) / scale[block_of]
     nearest = np.argmin(np.abs(GRID_4BIT[None, None, :] - ratio[..., None]), axis=-1)
     representable = ratio >= GRID_4BIT[1] / 2
     np.testing.assert_array_equal(codes[representable], nearest[representable])
     assert np.all(codes[~representable] == 1)
     np.testing.assert_allclose(
-        np.asarray(formats.dequantize(q), np.float64), GRID_4BIT[codes] * scale[:, block_of], rtol=1e-6
+        np.asarray(formats.dequantize(q), np.float64), GRID_4BIT[codes] * scale[block_of], rtol=1e-6
     )
 
 
-def test_4bit_layouts_of_vectors_odd_rows_and_lengths_that_cannot_pair():
+def test_4bit_layouts_of_vectors_odd_rows_and_short_first_axes():
     params = {
-        "vec": jnp.zeros(8192),  # one row: cut into 64 rows of one block, paired into 32
-        "odd": jnp.zeros((33, 256)),  # the 33rd row pairs with zero codes
-        "cube": jnp.zeros((64, 8, 8)),  # trailing axes merged into one row of 4096: 32 rows of 128
-        "ragged": jnp.zeros(5000),  # one row of 5000: not a multiple of 128, keeps 8-bit codes
+        "vec": jnp.zeros(8192),  # one axis: blocks of 128 consecutive elements, pairs of neighbours
+        "odd": jnp.zeros((129, 256)),  # the 129th row pairs with zero codes
+        "cube": jnp.zeros((64, 8, 8)),  # a first axis under a block: the first two merged into 512 rows
+        "ragged": jnp.zeros(5001),  # an odd length pairs its last element with a zero code
     }
     nu = rmsprop_jax.rmsprop(1e-3, state_bits=4, initial_scale=1.0).init(params).nu
-    assert (nu["vec"].bits, nu["vec"].codes.shape, nu["vec"].scale.shape) == (4, (32, 128), (64, 1))
-    assert (nu["odd"].bits, nu["odd"].codes.shape, nu["odd"].scale.shape) == (4, (17, 256), (33, 2))
-    assert (nu["cube"].bits, nu["cube"].codes.shape) == (4, (16, 128))
-    assert (nu["ragged"].bits, nu["ragged"].codes.shape) == (8, (5000,))
-    assert np.all(_codes(nu["odd"])[:33] == 15) and np.all(_codes(nu["odd"])[33] == 0)  # the pad row holds 0
+    assert (nu["vec"].bits, nu["vec"].codes.shape, nu["vec"].scale.shape) == (4, (4096,), (64,))
+    assert (nu["odd"].bits, nu["odd"].codes.shape, nu["odd"].scale.shape) == (4, (65, 256), (2, 256))
+    assert (nu["cube"].bits, nu["cube"].codes.shape, nu["cube"].scale.shape) == (4, (256, 8), (4, 8))
+    assert (nu["ragged"].bits, nu["ragged"].codes.shape, nu["ragged"].scale.shape) == (4, (2501,), (40,))
+    assert np.all(_codes(nu["odd"])[:129] == 15) and np.all(_codes(nu["odd"])[129] == 0)  # the pad row holds 0
     for name, p in params.items():
         np.testing.assert_array_equal(np.asarray(lowmem.nu_values(nu)[name]), np.ones(p.shape, np.float32))
-    with pytest.raises(ValueError, match="8-bit codes"):
-        formats.quantize(jnp.ones(5000), block_size=128, code_bits=4)
 
 
 @pytest.mark.parametrize("shape", [(33, 300), (8192,), (6, 4, 200)])
