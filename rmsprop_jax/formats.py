@@ -223,10 +223,6 @@ def _view(q: QuantizedArray) -> tuple[int, tuple[int, ...]]:
     return column_view(q.shape, q.block_size)
 
 
-def _blocks(rows: int, block_size: int) -> int:
-    return -(-rows // block_size)
-
-
 def _repeat(scale: jax.Array, block_size: int, rows: int) -> jax.Array:
     """Each block's scale repeated down its rows, ``(rows,) + trailing``.
 
@@ -312,6 +308,19 @@ def _float_segments(levels: int, fine_binades: int, fine_bits: int, coarse_bits:
     return split_code, split_bits, fine, coarse
 
 
+def _segment(
+    fine: jax.Array, fine_offset: int, coarse_offset: int, fine_bits: int, coarse_bits: int
+) -> tuple[jax.Array, jax.Array]:
+    """``(offset, shift)`` of each element's segment (see `_float_segments`).
+
+    The segment picks two constants and the arithmetic is shared: cheaper
+    than computing both segments' results and selecting one.
+    """
+    offset = jnp.where(fine, jnp.int32(fine_offset), jnp.int32(coarse_offset))
+    shift = jnp.where(fine, jnp.int32(23 - fine_bits), jnp.int32(23 - coarse_bits))
+    return offset, shift
+
+
 def float_value(
     code: jax.Array,
     levels: int = CODES,
@@ -327,10 +336,7 @@ def float_value(
     """
     c = code.astype(jnp.int32)
     split_code, _, fine_offset, coarse_offset = _float_segments(levels, fine_binades, fine_bits, coarse_bits)
-    fine = c >= split_code
-    # The segment picks two constants; the arithmetic is shared (cheaper than two results and a select).
-    offset = jnp.where(fine, jnp.int32(fine_offset), jnp.int32(coarse_offset))
-    shift = jnp.where(fine, jnp.int32(23 - fine_bits), jnp.int32(23 - coarse_bits))
+    offset, shift = _segment(c >= split_code, fine_offset, coarse_offset, fine_bits, coarse_bits)
     ratio = jax.lax.bitcast_convert_type(offset + (c << shift), jnp.float32)
     return jnp.where(c > 0, ratio, 0.0)
 
@@ -354,9 +360,7 @@ def float_codes(
     """
     _, split_bits, fine_offset, coarse_offset = _float_segments(levels, fine_binades, fine_bits, coarse_bits)
     x = jax.lax.bitcast_convert_type(r, jnp.int32)
-    fine = x >= split_bits
-    offset = jnp.where(fine, jnp.int32(fine_offset), jnp.int32(coarse_offset))
-    shift = jnp.where(fine, jnp.int32(23 - fine_bits), jnp.int32(23 - coarse_bits))
+    offset, shift = _segment(x >= split_bits, fine_offset, coarse_offset, fine_bits, coarse_bits)
     if bits is None:
         below = jnp.int32(1) << (shift - 1)
     else:
@@ -653,7 +657,7 @@ class Blockwise:
             return QuantizedArray(sharding, sharding, shape, self.block_size, self.bits)
         spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
         k = column_split(shape, self.block_size)
-        rows, _ = column_view(shape, self.block_size)
+        rows = math.prod(shape[:k])
         first = spec[0] if spec and all(e is None for e in spec[1:k]) else None
         if first is PartitionSpec.UNCONSTRAINED:
             first = None
@@ -693,7 +697,7 @@ class Blockwise:
         complement: jax.Array,
         key: jax.Array,
     ) -> tuple[jax.Array, QuantizedArray]:
-        rows, trailing = column_view(stored.shape, self.block_size)
+        rows, trailing = _view(stored)
 
         def view(a: jax.Array) -> jax.Array:
             return a.reshape((rows, *trailing))
@@ -953,8 +957,7 @@ def make_storage(
         if state_bits is None:
             raise ValueError("block_size applies to the quantized state: pass state_bits=8 or 4 with it.")
         _check_positive_int("block_size", block_size)
-        if state_bits == 4 and block_size % 2:
-            raise ValueError(f"4-bit codes pack in pairs within a block: block_size must be even, got {block_size}.")
+        _check_block(block_size, state_bits)
     if stochastic_rounding is not None and not isinstance(stochastic_rounding, (bool, np.bool_)):
         raise ValueError(f"stochastic_rounding must be None, True or False, got {stochastic_rounding!r}.")
     if not isinstance(factored, (bool, np.bool_)):

@@ -194,13 +194,8 @@ def test_stochastic_rounding_is_deterministic_given_the_step():
 # ---------------------------------------------------------------------------
 
 
-def _code_values() -> np.ndarray:
-    """The 256 values of the unsigned code map relative to the block scale."""
-    return code_values_8bit()
-
-
 def test_code_map_is_unsigned_and_uses_all_256_codes():
-    values = _code_values()
+    values = code_values_8bit()
     assert values[0] == 0 and values[-1] == 1 and np.all(np.diff(values) > 0)
     assert values[128 - 1] == 1 / 16 and values[1] == 2.0**-19 * 10 / 16  # ≈ 1.2e-6
     # Codes are 1.6-3.1 % apart (in value) over the top four binades and 6.2-12.5 % below.
@@ -219,7 +214,7 @@ def test_quantize_rounds_to_the_nearest_code_and_never_to_zero():
     q = lowmem.quantize(jnp.asarray(v), block_size=256)
     codes = np.asarray(q.codes)
     assert np.all(codes >= 1) and np.all(codes[:, 0] == 255)
-    grid = _code_values()
+    grid = code_values_8bit()
     got = grid[codes]
     v64 = v.astype(np.float64)
     nearest = grid[np.argmin(np.abs(grid[None, None, :] - v64[..., None]), axis=-1)]
@@ -237,7 +232,7 @@ def test_stochastic_quantization_is_unbiased():
     bits = lowmem.random_bits((draws, 256), jnp.uint32(99))
     q = lowmem.quantize(v_draws, block_size=256, bits=bits)
     got = np.asarray(lowmem.dequantize(q, (draws, 256)), np.float64)
-    grid = _code_values()
+    grid = code_values_8bit()
     # The standard error of the mean is at most half a code spacing / sqrt(draws).
     upper = grid[np.searchsorted(grid, v.astype(np.float64))]
     spacing = upper - grid[np.maximum(np.searchsorted(grid, v.astype(np.float64)) - 1, 0)]
