@@ -216,7 +216,11 @@ def rmsprop(
         (:class:`rmsprop_jax.formats.QuantizedArray`): about 1.016 (0.53)
         bytes per element; leaves under 4096 elements stay unquantized.
       block_size: elements per block, consecutive rows down the leaf's first
-        axis (default 256 for 8 bits, 128 for 4; needs ``state_bits``).
+        axis (default 256 for 8 bits, 128 for 4; needs ``state_bits``). A
+        block of an embedding table mixes frequent and rare tokens, whose
+        4-bit ``nu`` then comes out coarse (measured by
+        ``python -m benchmarks.embedding_blocks``): prefer 8 bits or
+        bfloat16 there.
       factored: store ``nu`` of leaves whose two largest axes both have at
         least ``factored_min_dim`` elements as Adafactor's running row and
         column means (:class:`rmsprop_jax.formats.FactoredArray`, n + m

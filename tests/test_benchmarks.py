@@ -74,3 +74,19 @@ def test_code_map_candidates_decode_their_own_codes_and_round_without_bias():
     assert abs(float(np.mean(np.asarray(decode(encode(r, u))))) - 0.3) < 4 * (hi - lo) / 2 / np.sqrt(20000)
     rows = code_maps.compare(quick=True)
     assert [row[:2] for row in rows][:2] == [["8-bit", "power"], ["8-bit", "m3"]] and len(rows) == 9
+
+
+def test_embedding_blocks_rows_are_unbiased_and_never_zero():
+    from benchmarks import embedding_blocks
+
+    rows = embedding_blocks.compare(quick=True)
+    assert [(row["state"], row["tokens"]) for row in rows][::3] == [
+        ("8-bit", "frequent (100+ hits)"),
+        ("4-bit", "frequent (100+ hits)"),
+    ]
+    for row in rows:
+        # Stochastic rounding keeps the stored mean right and no non-zero v decodes to 0, rare tokens included.
+        assert row["rows"] > 0 and row["zeros"] == 0
+        assert abs(row["mean_bias"]) < 0.05, row
+        # Unbiased but noisy v: 1/sqrt of it is larger on average (Jensen), never smaller by much.
+        assert row["step_mean"] > 0.99, row
