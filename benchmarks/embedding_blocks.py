@@ -1,7 +1,7 @@
 """Quantized ``nu`` of an embedding table: how rare tokens fare when blocks mix tokens.
 
 ``python -m benchmarks.embedding_blocks`` trains nothing: it feeds the same sparse gradients to
-``rmsprop(1e-3, decay=0.999)`` with float32, 8-bit and 4-bit state and compares the decoded
+``scale_by_rms(decay=0.999)`` with float32, 8-bit and 4-bit state and compares the decoded
 ``nu`` with the float32 one, row by row. The table is (8,192 tokens, 128 dims); each step draws
 512 tokens from a Zipf(1.1) distribution whose frequent tokens are scattered over the rows, and
 each drawn token's row gets a Gaussian gradient. Blocks run down the first axis, so one block
@@ -24,15 +24,7 @@ import numpy as np
 import rmsprop_jax
 from rmsprop_jax import lowmem
 
-CLASSES = (("frequent (100+ hits)", 100, None), ("mid (10-99)", 10, 100), ("rare (1-9)", 1, 10))
-
-
-def _nu(state):
-    """The ``nu`` field of the rmsprop state inside the chain."""
-    for node in jax.tree_util.tree_leaves(state, is_leaf=lambda x: hasattr(x, "nu")):
-        if hasattr(node, "nu"):
-            return node.nu
-    raise ValueError("no nu in the optimizer state")
+CLASSES = (("frequent (100+ hits)", 100, np.inf), ("mid (10-99)", 10, 100), ("rare (1-9)", 1, 10))
 
 
 def compare(quick: bool = False, block_size: int | None = None, seed: int = 0) -> list[dict]:
@@ -45,7 +37,7 @@ def compare(quick: bool = False, block_size: int | None = None, seed: int = 0) -
     params = {"emb": jnp.zeros((vocab, dim), jnp.float32)}
     formats = {"float32": {}, "8-bit": {"state_bits": 8}, "4-bit": {"state_bits": 4}}
     txs = {
-        name: rmsprop_jax.rmsprop(1e-3, decay=0.999, block_size=block_size if kw else None, **kw)
+        name: rmsprop_jax.scale_by_rms(decay=0.999, block_size=block_size if kw else None, **kw)
         for name, kw in formats.items()
     }
     states = {name: tx.init(params) for name, tx in txs.items()}
@@ -58,13 +50,13 @@ def compare(quick: bool = False, block_size: int | None = None, seed: int = 0) -
         np.add.at(grad, tokens, 0.01 * rng.standard_normal((batch, dim)).astype(np.float32))
         grads = {"emb": jnp.asarray(grad)}
         for name in states:
-            _, states[name] = updates[name](grads, states[name], params)
-    ref = np.asarray(lowmem.nu_values(_nu(states["float32"]), params)["emb"], np.float64)
+            _, states[name] = updates[name](grads, states[name])
+    ref = np.asarray(lowmem.nu_values(states["float32"].nu, params)["emb"], np.float64)
     rows = []
     for name in ("8-bit", "4-bit"):
-        got = np.asarray(lowmem.nu_values(_nu(states[name]), params)["emb"], np.float64)
+        got = np.asarray(lowmem.nu_values(states[name].nu, params)["emb"], np.float64)
         for label, low, high in CLASSES:
-            chosen = (hits >= low) & (hits < (high if high is not None else np.inf))
+            chosen = (hits >= low) & (hits < high)
             r, q = ref[chosen], got[chosen]
             rows.append(
                 {
