@@ -4,9 +4,10 @@
 ``scale_by_rms(decay=0.999)`` with float32, 8-bit and 4-bit state and compares the decoded
 ``nu`` with the float32 one, row by row. The table is (8,192 tokens, 128 dims); each step draws
 512 tokens from a Zipf(1.1) distribution whose frequent tokens are scattered over the rows, and
-each drawn token's row gets a Gaussian gradient. Blocks run down the first axis, so one block
-holds ``block_size`` consecutive tokens at one dimension, frequent and rare ones together: the
-block scale follows the frequent tokens' g², and a rare token's ``v`` sits many binades below it.
+each drawn token's row gets a Gaussian gradient. Column blocks (the default) run down the first
+axis, so one block holds ``block_size`` consecutive tokens at one dimension, frequent and rare
+ones together: the block scale follows the frequent tokens' g², and a rare token's ``v`` sits
+many binades below it. Row blocks (``row_blocks=True``) hold dimensions of one token only.
 
 Reported per frequency class (hits over the run): the median relative error of the decoded
 ``nu``, the bias of its mean, and the mean over elements of the step size relative to the
@@ -22,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import rmsprop_jax
+from benchmarks import measure
 from rmsprop_jax import lowmem
 
 CLASSES = (("frequent (100+ hits)", 100, np.inf), ("mid (10-99)", 10, 100), ("rare (1-9)", 1, 10))
+HEADER = ["state", "tokens", "rows", "median rel. error", "mean nu vs float32", "step: mean"]
 
 
 def compare(quick: bool = False, block_size: int | None = None, seed: int = 0) -> list[dict]:
@@ -35,7 +38,10 @@ def compare(quick: bool = False, block_size: int | None = None, seed: int = 0) -
     freq /= freq.sum()
     rows_of_rank = rng.permutation(vocab)
     params = {"emb": jnp.zeros((vocab, dim), jnp.float32)}
-    formats = {"float32": {}, "8-bit": {"state_bits": 8}, "4-bit": {"state_bits": 4}}
+    formats = {"float32": {}}
+    for bits in (8, 4):
+        formats[f"{bits}-bit"] = {"state_bits": bits}
+        formats[f"{bits}-bit rows"] = {"state_bits": bits, "row_blocks": True}
     txs = {
         name: rmsprop_jax.scale_by_rms(decay=0.999, block_size=block_size if kw else None, **kw)
         for name, kw in formats.items()
@@ -53,7 +59,7 @@ def compare(quick: bool = False, block_size: int | None = None, seed: int = 0) -
             _, states[name] = updates[name](grads, states[name])
     ref = np.asarray(lowmem.nu_values(states["float32"].nu, params)["emb"], np.float64)
     rows = []
-    for name in ("8-bit", "4-bit"):
+    for name in list(formats)[1:]:
         got = np.asarray(lowmem.nu_values(states[name].nu, params)["emb"], np.float64)
         for label, low, high in CLASSES:
             chosen = (hits >= low) & (hits < high)
@@ -72,18 +78,27 @@ def compare(quick: bool = False, block_size: int | None = None, seed: int = 0) -
     return rows
 
 
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    """`compare`'s rows as the cells of a table under `HEADER`."""
+    return [
+        [
+            row["state"],
+            row["tokens"],
+            str(row["rows"]),
+            f"{row['median_rel_error']:.1%}",
+            f"{row['mean_bias']:+.2%}",
+            f"{row['step_mean']:.3f}",
+        ]
+        for row in rows
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller table and fewer steps")
-    parser.add_argument("--block-size", type=int, default=None, help="block_size for both formats")
+    parser.add_argument("--block-size", type=int, default=None, help="block_size for every quantized format")
     args = parser.parse_args()
-    print("| state | tokens | rows | median rel. error | mean nu vs float32 | step: mean |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for row in compare(quick=args.quick, block_size=args.block_size):
-        print(
-            f"| {row['state']} | {row['tokens']} | {row['rows']} | {row['median_rel_error']:.1%} "
-            f"| {row['mean_bias']:+.2%} | {row['step_mean']:.3f} |"
-        )
+    print(measure.markdown_table(HEADER, table_rows(compare(quick=args.quick, block_size=args.block_size))))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 import rmsprop_jax
-from benchmarks import measure
+from benchmarks import embedding_blocks, measure
 from rmsprop_jax import demo, lowmem
 
 STATES: dict[str, dict[str, Any]] = {
@@ -21,14 +21,24 @@ STATES: dict[str, dict[str, Any]] = {
     "4-bit + SR": {"state_bits": 4},
     "factored": {"factored": True},
 }
+# The block layouts on an embedding-shaped leaf (rows of 128).
+EMBEDDING_STATES: dict[str, dict[str, Any]] = {
+    "float32": {},
+    "8-bit + SR": {"state_bits": 8},
+    "8-bit + SR, row blocks": {"state_bits": 8, "row_blocks": True},
+    "4-bit + SR": {"state_bits": 4},
+    "4-bit + SR, row blocks": {"state_bits": 4, "row_blocks": True},
+}
 
 
-def step_costs(n: int, rounds: int, min_round_s: float) -> list[list[str]]:
-    shape = (n // 1000, 1000)  # a matrix, so that the factored format applies
+def step_costs(
+    n: int, rounds: int, min_round_s: float, cols: int = 1000, states: dict[str, dict[str, Any]] = STATES
+) -> list[list[str]]:
+    shape = (n // cols, cols)  # a matrix, so that the factored format applies
     params = {"w": jnp.ones(shape)}
     grads = {"w": jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32) * 1e-2)}
     runners, stats, nbytes = {}, {}, {}
-    for name, options in STATES.items():
+    for name, options in states.items():
         tx = rmsprop_jax.rmsprop(1e-3, decay=0.999, **options)
         p = jax.tree.map(jnp.copy, params)
         state = tx.init(p)
@@ -234,6 +244,9 @@ def section(ctx: Any) -> str:
     if cfg.quick:
         reg = {"steps": 20, "depth": 2, "width": 16, "seeds": 1, "samples": 256}
     regression = regression_quality(**reg)
+    ctx.log("low-memory state: embedding tables")
+    embedding_costs = step_costs(n, cfg.rounds, cfg.min_round_s, cols=128, states=EMBEDDING_STATES)
+    embedding = embedding_blocks.compare(quick=cfg.quick)
     out = [
         "## Low-memory state",
         "",
@@ -282,6 +295,22 @@ def section(ctx: Any) -> str:
         f"steps; final loss, mean of {reg['seeds']} seeds):",
         "",
         measure.markdown_table(["state", "final loss", "vs float32 state"], quality_rows(regression)),
+        "",
+        f"Embedding tables. Step cost on one ({n // 128:,}, 128) leaf, as above; row blocks hold "
+        "`block_size` consecutive elements of one row (here one block per row) instead of `block_size` rows "
+        "of one column:",
+        "",
+        measure.markdown_table(
+            ["state", "state B/param", "step: median [min-max]", "x float32 state", "XLA B/param", "fusions", "temp"],
+            embedding_costs,
+        ),
+        "",
+        "The decoded `nu` of a table under Zipf(1.1) token gradients against float32 state "
+        "(`python -m benchmarks.embedding_blocks`"
+        + (" --quick" if cfg.quick else "")
+        + "; frequency classes by hits over the run):",
+        "",
+        measure.markdown_table(embedding_blocks.HEADER, embedding_blocks.table_rows(embedding)),
         "",
     ]
     return "\n".join(out)

@@ -100,3 +100,19 @@ def check_same_structure(
             f"The {got_name} do not have the tree structure of the {expected_name}.\n"
             f"  {expected_name}: {expected}\n  {got_name}: {got}"
         )
+
+
+def mask_leaves(mask: Any, params: Any, treedef: jax.tree_util.PyTreeDef, name: str) -> list[bool]:
+    """Per-leaf Python bools of a mask option: a tree of bools shaped like the params, or a function of them.
+
+    None means True for every leaf.
+    """
+    if mask is None:
+        return [True] * treedef.num_leaves
+    tree = mask(params) if callable(mask) else mask
+    leaves, mask_treedef = jax.tree.flatten(tree)
+    check_same_structure(treedef, mask_treedef, "params", name)
+    try:
+        return [bool(leaf) for leaf in leaves]
+    except jax.errors.ConcretizationTypeError as error:
+        raise TypeError(f"{name} leaves must be Python bools, not traced arrays.") from error

@@ -14,7 +14,7 @@ from rmsprop_jax import _checks, _placement, _random, formats
 from rmsprop_jax._guard import skip_if_nonfinite
 from rmsprop_jax.flat import flat_transform
 from rmsprop_jax.transform import (
-    check_factored,
+    check_layout,
     check_rms_args,
     compute_dtype,
     flatten_like_state,
@@ -58,19 +58,6 @@ class RMSpropState(NamedTuple):
 def _is_off(value: Any) -> bool:
     """True when a hyperparameter is a concrete zero, so its work can be skipped."""
     return _checks.concrete_float(value) == 0.0
-
-
-def _mask_leaves(mask: WeightDecayMask | None, params: optax.Params, treedef: jax.tree_util.PyTreeDef) -> list[bool]:
-    """Per-leaf booleans saying which leaves get weight decay."""
-    if mask is None:
-        return [True] * treedef.num_leaves
-    tree = mask(params) if callable(mask) else mask
-    leaves, mask_treedef = jax.tree.flatten(tree)
-    _checks.check_same_structure(treedef, mask_treedef, "params", "weight_decay_mask")
-    try:
-        return [bool(leaf) for leaf in leaves]
-    except jax.errors.ConcretizationTypeError as error:
-        raise TypeError("weight_decay_mask leaves must be Python bools, not traced arrays.") from error
 
 
 def _rounded(product: jax.Array, x: jax.Array) -> jax.Array:
@@ -132,6 +119,7 @@ def rmsprop(
     stochastic_rounding: bool | None = None,
     state_bits: int | None = None,
     block_size: int | None = None,
+    row_blocks: Any = None,
     factored: bool = False,
     factored_min_dim: int | None = None,
     flat: bool = False,
@@ -216,11 +204,15 @@ def rmsprop(
         (:class:`rmsprop_jax.formats.QuantizedArray`): about 1.016 (0.53)
         bytes per element; leaves under 4096 elements stay unquantized.
       block_size: elements per block, consecutive rows down the leaf's first
-        axis (default 256 for 8 bits, 128 for 4; needs ``state_bits``). A
-        block of an embedding table mixes frequent and rare tokens, whose
-        4-bit ``nu`` then comes out coarse (measured by
-        ``python -m benchmarks.embedding_blocks``): prefer 8 bits or
-        bfloat16 there.
+        axis (default 256 for 8 bits, 128 for 4; needs ``state_bits``).
+      row_blocks: True, or a pytree of bools shaped like the params, or a
+        function of the params returning one (as ``weight_decay_mask``):
+        quantized leaves where it is True get their blocks along the last axis,
+        ``block_size`` consecutive elements of one row, instead of down the
+        first axis. For embedding tables: a block down the first axis mixes
+        frequent and rare tokens, whose ``nu`` then comes out coarse
+        (``python -m benchmarks.embedding_blocks``). Needs ``state_bits``;
+        not with ``flat``.
       factored: store ``nu`` of leaves whose two largest axes both have at
         least ``factored_min_dim`` elements as Adafactor's running row and
         column means (:class:`rmsprop_jax.formats.FactoredArray`, n + m
@@ -262,7 +254,7 @@ def rmsprop(
       Networks*, arXiv:1308.0850 (2013); Loshchilov and Hutter, *Decoupled
       Weight Decay Regularization*, ICLR 2019.
     """
-    check_factored(factored, centered=centered, flat=flat)
+    check_layout(factored, row_blocks, centered=centered, flat=flat)
     if centered_average not in ("lerp", "weighted"):
         raise ValueError(f'centered_average must be "lerp" or "weighted", got {centered_average!r}.')
     if not (isinstance(decay_params_first, bool) or decay_params_first == "multiply"):
@@ -277,7 +269,7 @@ def rmsprop(
         )
     state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
     storage = formats.make_storage(
-        state_dtype, split_complex, state_bits, block_size, stochastic_rounding, factored, factored_min_dim
+        state_dtype, split_complex, state_bits, block_size, stochastic_rounding, factored, factored_min_dim, row_blocks
     )
     _checks.check_learning_rate(learning_rate)
     if momentum is None:
@@ -325,7 +317,7 @@ def rmsprop(
             unapplied_decay = jnp.asarray(weight_decay)
         elif use_decay:
             x_leaves = flatten_params(params, treedef, "weight_decay")
-            decay_mask = _mask_leaves(weight_decay_mask, params, treedef)
+            decay_mask = _checks.mask_leaves(weight_decay_mask, params, treedef, "weight_decay_mask")
         b_leaves = [None] * n if state.momentum is None else jax.tree.leaves(state.momentum)
 
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate

@@ -28,8 +28,8 @@ The formats:
 * `Dense`: an array of a floating dtype shaped like the parameter (float32,
   or bfloat16/float16 with stochastic rounding, see `rmsprop_jax.lowmem`).
 * `Blockwise`: ``nu`` as 8-bit (or 4-bit, two per byte) codes plus a float32
-  scale per block of ``block_size`` elements along the last axis, a
-  `QuantizedArray`.
+  scale per block of ``block_size`` elements (down the first axis, or along
+  the last one with ``row_blocks``), a `QuantizedArray`.
 * `Factored`: ``nu`` of a large matrix as Adafactor's running row and column
   means, a `FactoredArray`.
 
@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rmsprop_jax import _random
+from rmsprop_jax import _checks, _random
 
 __all__ = [
     "Blockwise",
@@ -66,6 +66,7 @@ __all__ = [
     "FactoredArray",
     "QuantizedArray",
     "Storage",
+    "block_view",
     "decode",
     "dequantize",
     "factored_axes",
@@ -94,24 +95,29 @@ MIN_QUANTIZED_SIZE = 4096
 class QuantizedArray:
     """A blockwise-quantized non-negative array (the `Blockwise` format).
 
-    The array is viewed as ``(rows,) + trailing``: its first axis, or the
-    fewest leading axes merged that hold a block (`column_view`), and the
-    other axes. A block is ``block_size`` consecutive rows at one position
-    of the trailing axes (the last block of each column may be shorter); it
-    stores one float32 scale and one code per element. Blocks that run down
-    a major axis keep every loop of the step contiguous, the block maxima
-    included.
+    The array is viewed as ``(rows,) + trailing`` (`block_view`). Column
+    blocks (the default): the rows are its first axis, or the fewest
+    leading axes merged that hold a block, and a block is ``block_size``
+    consecutive rows at one position of the trailing axes (the last block of
+    each column may be shorter). Blocks that run down a major axis keep
+    every loop of the step contiguous, the block maxima included. Row blocks
+    (``row_blocks``, for embedding tables): the rows are all axes but the
+    last, and a block is ``block_size`` consecutive elements of one row (the
+    last block of each row may be shorter), so that no block mixes rows.
+    A block stores one float32 scale and one code per element.
 
     Attributes:
       codes: uint8. 8 bits: one code per byte, shaped like the array. 4 bits:
         two codes per byte, rows 2i and 2i + 1 in the low and high nibbles of
         packed row i, shape ``(ceil(rows / 2),) + trailing`` (an odd last row
         is paired with zero codes).
-      scale: float32, shape ``(ceil(rows / block_size),) + trailing``: each
-        block's scale, an upper bound of its values.
+      scale: float32, each block's scale, an upper bound of its values:
+        shape ``(ceil(rows / block_size),) + trailing`` for column blocks,
+        ``(rows, ceil(cols / block_size))`` for row blocks.
       shape: the shape of the array the codes stand for (static).
       block_size: elements per block (static).
       bits: bits per code, 8 or 4 (static).
+      row_blocks: blocks along the last axis instead of down the rows (static).
     """
 
     codes: Any
@@ -119,6 +125,7 @@ class QuantizedArray:
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(default=DEFAULT_BLOCK_SIZE, metadata=dict(static=True))
     bits: int = dataclasses.field(default=8, metadata=dict(static=True))
+    row_blocks: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -196,31 +203,36 @@ def for_update(fmt: Format, value: jax.Array, stored: Any, count: jax.Array, dty
     return fmt.load(stored, dtype), stored
 
 
-# --------------------------------------------------------------------------- the column view
+# --------------------------------------------------------------------------- the block view
 
 
-def column_split(shape: Sequence[int], block_size: int) -> int:
-    """How many leading axes are merged into the blocked axis: the fewest whose product holds a block (else all)."""
+def block_split(shape: Sequence[int], block_size: int, row_blocks: bool = False) -> int:
+    """How many leading axes are merged into the view's rows (see `block_view`)."""
+    if row_blocks:
+        return len(shape) - 1
     k = 1
     while k < len(shape) and math.prod(shape[:k]) < block_size:
         k += 1
     return min(k, len(shape))
 
 
-def column_view(shape: Sequence[int], block_size: int) -> tuple[int, tuple[int, ...]]:
-    """``(rows, trailing)``: the array viewed as ``(rows,) + trailing`` with its blocks running down the rows.
+def block_view(shape: Sequence[int], block_size: int, row_blocks: bool = False) -> tuple[int, tuple[int, ...]]:
+    """``(rows, trailing)``: the array viewed as ``(rows,) + trailing``.
 
-    `rows` is the product of the leading axes merged by `column_split` (the
-    first axis alone when it holds a block), `trailing` the other axes. A
-    block is `block_size` consecutive rows at one position of the trailing
-    axes (the last block of a column may be shorter).
+    Column blocks: `rows` is the product of the fewest leading axes that
+    hold a block (the first axis alone when it does), `trailing` the other
+    axes, and a block is `block_size` consecutive rows at one position of
+    the trailing axes (the last block of a column may be shorter). Row
+    blocks (an array of at least two axes): `rows` is the product of all
+    axes but the last, `trailing` the last one, and a block is `block_size`
+    consecutive elements of a row (the last block of a row may be shorter).
     """
-    k = column_split(shape, block_size)
+    k = block_split(shape, block_size, row_blocks)
     return math.prod(shape[:k]), tuple(shape[k:])
 
 
 def _view(q: QuantizedArray) -> tuple[int, tuple[int, ...]]:
-    return column_view(q.shape, q.block_size)
+    return block_view(q.shape, q.block_size, q.row_blocks)
 
 
 def _repeat(scale: jax.Array, block_size: int, rows: int) -> jax.Array:
@@ -232,6 +244,14 @@ def _repeat(scale: jax.Array, block_size: int, rows: int) -> jax.Array:
     """
     wide = jnp.broadcast_to(scale[:, None], (scale.shape[0], block_size, *scale.shape[1:]))
     return wide.reshape((-1, *scale.shape[1:]))[:rows]
+
+
+def _spread(scale: jax.Array, block_size: int, row_blocks: bool, view_shape: Sequence[int]) -> jax.Array:
+    """Each block's scale over its elements of the view `view_shape` (a broadcast, as in `_repeat`)."""
+    if not row_blocks:
+        return _repeat(scale, block_size, view_shape[0])
+    wide = jnp.broadcast_to(scale[:, :, None], (*scale.shape, block_size))
+    return wide.reshape((scale.shape[0], -1))[:, : view_shape[-1]]
 
 
 def tree_reduce(x: jax.Array, axis: int, combine: Callable, reduce: Callable) -> jax.Array:
@@ -249,22 +269,25 @@ def tree_reduce(x: jax.Array, axis: int, combine: Callable, reduce: Callable) ->
     return reduce(x, axis=axis)
 
 
-def _block_maxima(x: jax.Array, block_size: int) -> jax.Array:
-    """The maximum of each block of `x` (``(rows,) + trailing``, NaN if a block holds one), ``(blocks,) + trailing``.
+def _block_maxima(x: jax.Array, block_size: int, row_blocks: bool = False) -> jax.Array:
+    """The maximum of each block of the view `x` (NaN if a block holds one), shaped like the scales.
 
-    The blocks run down a major axis, so every step of the reduction is an
-    elementwise maximum of contiguous rows: ~3x faster on XLA:CPU than
-    blocks along the last axis, whose maxima reduce within each vector.
+    Column blocks run down a major axis, so every step of the reduction is
+    an elementwise maximum of contiguous rows: ~3x faster on XLA:CPU than
+    row blocks, whose maxima reduce within each vector.
     """
-    rows, trailing = x.shape[0], x.shape[1:]
-    whole = rows // block_size
+    axis = 1 if row_blocks else 0
+    n = x.shape[axis]
+    whole = n // block_size
     parts = []
     if whole:
-        blocks = x[: whole * block_size].reshape((whole, block_size, *trailing))
-        parts.append(tree_reduce(blocks, 1, jnp.maximum, jnp.max))
-    if whole * block_size < rows:
-        parts.append(tree_reduce(x[whole * block_size :], 0, jnp.maximum, jnp.max)[None])
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        blocks = jax.lax.slice_in_dim(x, 0, whole * block_size, axis=axis)
+        blocks = blocks.reshape((*x.shape[:axis], whole, block_size, *x.shape[axis + 1 :]))
+        parts.append(tree_reduce(blocks, axis + 1, jnp.maximum, jnp.max))
+    if whole * block_size < n:
+        rest = jax.lax.slice_in_dim(x, whole * block_size, n, axis=axis)
+        parts.append(jnp.expand_dims(tree_reduce(rest, axis, jnp.maximum, jnp.max), axis))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
 def _inverse(scale: jax.Array) -> jax.Array:
@@ -409,7 +432,7 @@ def _paired(x: jax.Array, k: int) -> jax.Array:
     2i + 1 in the high ones. Pairing rows (not neighbouring elements of a
     row) keeps every loop over a row contiguous, so packing and unpacking
     vectorize; both rows of a pair lie in one block (blocks hold an even
-    number of rows).
+    number of rows) for column blocks.
     """
     rows = x[k::2]  # a strided slice maps indices affinely; a reshape into pairs would divide per element
     if rows.shape[0] < -(-x.shape[0] // 2):
@@ -417,28 +440,39 @@ def _paired(x: jax.Array, k: int) -> jax.Array:
     return rows
 
 
+def _pair_scale(scale: jax.Array, block_size: int, row_blocks: bool, k: int, packed_shape: Sequence[int]) -> jax.Array:
+    """The scale of each element of rows k, k + 2, ... (shaped like the packed codes).
+
+    With column blocks packed row i lies in block i // (block_size / 2) for
+    both sets; with row blocks row 2i + k has scales of its own.
+    """
+    if row_blocks:
+        return _spread(_paired(scale, k), block_size, True, packed_shape)
+    return _repeat(scale, block_size // 2, packed_shape[0])
+
+
 def _encode_pairs(
     rows_of_pair: Callable[[int], jax.Array],
     inverse: jax.Array,
     block_size: int,
+    row_blocks: bool,
     bits_of_pair: Callable[[int], jax.Array | None],
 ) -> jax.Array:
     """Packed 4-bit codes of the rows ``rows_of_pair(k)`` (rows k, k + 2, ... of the values), k = 0 and 1.
 
-    Each set of rows comes with its own random bits; packed row i lies in
-    block i // (block_size / 2) for both. Computing the two sets from arrays
-    reshaped into pairs would cost index arithmetic per element.
+    Each set of rows comes with its own random bits. Computing the two sets
+    from arrays reshaped into pairs would cost index arithmetic per element.
     """
 
     def codes(k: int) -> jax.Array:
         rows = rows_of_pair(k)
-        return _encode(rows, _repeat(inverse, block_size // 2, rows.shape[0]), bits_of_pair(k), 4)
+        return _encode(rows, _pair_scale(inverse, block_size, row_blocks, k, rows.shape), bits_of_pair(k), 4)
 
     return codes(0) | (codes(1) << 4)
 
 
 def _codes(q: QuantizedArray) -> jax.Array:
-    """The codes of `q` in its column view ``(rows,) + trailing``, one per element."""
+    """The codes of `q` in its block view ``(rows,) + trailing``, one per element."""
     rows, trailing = _view(q)
     if q.bits == 8:
         return q.codes.reshape((rows, *trailing))
@@ -449,18 +483,20 @@ def _codes(q: QuantizedArray) -> jax.Array:
 
 
 def _decode_view(q: QuantizedArray) -> jax.Array:
-    """The float32 values of `q` in its column view ``(rows,) + trailing``."""
-    rows, _ = _view(q)
-    return _repeat(q.scale, q.block_size, rows) * _code_value(_codes(q), q.bits)
+    """The float32 values of `q` in its block view ``(rows,) + trailing``."""
+    rows, trailing = _view(q)
+    return _spread(q.scale, q.block_size, q.row_blocks, (rows, *trailing)) * _code_value(_codes(q), q.bits)
 
 
-def _store(x: jax.Array, scale: jax.Array, block_size: int, code_bits: int, bits: jax.Array | None) -> jax.Array:
-    """The stored codes of `x` (the column view) given the new block scales and random `bits` shaped like `x`."""
+def _store(
+    x: jax.Array, scale: jax.Array, block_size: int, row_blocks: bool, code_bits: int, bits: jax.Array | None
+) -> jax.Array:
+    """The stored codes of `x` (the block view) given the new block scales and random `bits` shaped like `x`."""
     inverse = _inverse(scale)
     if code_bits == 8:
-        return _encode(x, _repeat(inverse, block_size, x.shape[0]), bits, 8)
+        return _encode(x, _spread(inverse, block_size, row_blocks, x.shape), bits, 8)
     return _encode_pairs(
-        lambda k: _paired(x, k), inverse, block_size, lambda k: None if bits is None else _paired(bits, k)
+        lambda k: _paired(x, k), inverse, block_size, row_blocks, lambda k: None if bits is None else _paired(bits, k)
     )
 
 
@@ -470,9 +506,14 @@ def _check_block(block_size: int, code_bits: int) -> None:
 
 
 def quantize(
-    v: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE, bits: jax.Array | None = None, *, code_bits: int = 8
+    v: jax.Array,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    bits: jax.Array | None = None,
+    *,
+    code_bits: int = 8,
+    row_blocks: bool = False,
 ) -> QuantizedArray:
-    """Quantizes non-negative `v` to 8-bit (or 4-bit) codes per block of `block_size` elements down its rows.
+    """Quantizes non-negative `v` to 8-bit (or 4-bit) codes per block of `block_size` elements.
 
     The scale of each block is its maximum, stored as the top code. Each value
     is rounded between its two neighbouring codes in value (not in code): to
@@ -482,10 +523,12 @@ def quantize(
     Args:
       v: float32 values >= 0 (negative values are treated as 0).
       block_size: elements per block.
-      bits: uint32 random bits shaped like ``v`` in its column view (see
-        `QuantizedArray`) for stochastic rounding; None rounds to the nearest
+      bits: uint32 random bits shaped like ``v`` in its block view (see
+        `block_view`) for stochastic rounding; None rounds to the nearest
         code.
       code_bits: 8, or 4 for two codes per byte.
+      row_blocks: blocks along the last axis (within rows) instead of down
+        the first (see `QuantizedArray`); ignored for fewer than two axes.
 
     Returns:
       A `QuantizedArray`. Every non-zero value gets a non-zero code.
@@ -501,12 +544,14 @@ def quantize(
     """
     shape = tuple(np.shape(v))
     _check_block(block_size, code_bits)
-    rows, trailing = column_view(shape, block_size)
+    row_blocks = row_blocks and len(shape) >= 2
+    rows, trailing = block_view(shape, block_size, row_blocks)
     x = jnp.asarray(v, jnp.float32).reshape((rows, *trailing))
     x = jnp.where(x <= 0, 0, x)
-    scale = _block_maxima(x, block_size)
-    codes = _store(x, scale, block_size, code_bits, bits)
-    return QuantizedArray(codes.reshape(shape) if code_bits == 8 else codes, scale, shape, block_size, code_bits)
+    scale = _block_maxima(x, block_size, row_blocks)
+    codes = _store(x, scale, block_size, row_blocks, code_bits, bits)
+    codes = codes.reshape(shape) if code_bits == 8 else codes
+    return QuantizedArray(codes, scale, shape, block_size, code_bits, row_blocks)
 
 
 def dequantize(q: QuantizedArray, shape: Sequence[int] | None = None) -> jax.Array:
@@ -625,55 +670,65 @@ class Blockwise:
     needs only the new inputs `x` (computing the exact maximum of the new
     values would make XLA write them out in float32 first). Codes are drawn
     with stochastic rounding between the two neighbouring codes when
-    `stochastic`, else to the nearest.
+    `stochastic`, else to the nearest. `row_blocks` lays the blocks along
+    the last axis (see `QuantizedArray`).
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE
     stochastic: bool = True
     bits: int = 8
+    row_blocks: bool = False
+
+    def _quantized(self, codes: Any, scale: Any, shape: tuple[int, ...]) -> QuantizedArray:
+        return QuantizedArray(codes, scale, shape, self.block_size, self.bits, self.row_blocks)
 
     def init(self, like: jax.Array, value: Any) -> QuantizedArray:
         shape = tuple(like.shape)
-        rows, trailing = column_view(shape, self.block_size)
+        rows, trailing = block_view(shape, self.block_size, self.row_blocks)
         zeros = filled_like(like, 0, jnp.float32).reshape((rows, *trailing))
         top = (zeros + jnp.where(jnp.asarray(value) > 0, _levels(self.bits), 0)).astype(jnp.uint8)
         codes = top.reshape(shape) if self.bits == 8 else _paired(top, 0) | (_paired(top, 1) << 4)
-        # One row per block: a slice, not the block maxima, which XLA would constant-fold for seconds
-        # on constant params.
-        scale = zeros[:: self.block_size] + jnp.asarray(value, jnp.float32)
-        return QuantizedArray(codes, scale, shape, self.block_size, self.bits)
+        # One element per block: a slice, not the block maxima, which XLA would constant-fold for
+        # seconds on constant params.
+        corners = zeros[:, :: self.block_size] if self.row_blocks else zeros[:: self.block_size]
+        return self._quantized(codes, corners + jnp.asarray(value, jnp.float32), shape)
 
     def shardings(self, shape: Sequence[int], sharding: Any) -> QuantizedArray:
-        """8-bit codes are laid out like the parameter; 4-bit codes and the scales like it in the trailing axes.
+        """8-bit codes are laid out like the parameter; 4-bit codes and the scales like it where blocks allow.
 
-        Along the blocked rows, the scales follow the parameter's first axis
-        only when every shard holds whole blocks, and packed 4-bit codes only
-        when every shard holds whole pairs of rows; otherwise they are
-        replicated along it. Merged leading axes are laid out like the first
-        one when the others are not sharded.
+        Along the view's rows, column-block scales follow the parameter's
+        first axis only when every shard holds whole blocks, and packed 4-bit
+        codes only when every shard holds whole pairs of rows; otherwise they
+        are replicated along it. Merged leading axes are laid out like the
+        first one when the others are not sharded. Row-block scales follow
+        the last axis only when every shard of it holds whole blocks.
         """
         shape = tuple(shape)
         if not isinstance(sharding, NamedSharding):
-            return QuantizedArray(sharding, sharding, shape, self.block_size, self.bits)
+            return self._quantized(sharding, sharding, shape)
         spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-        k = column_split(shape, self.block_size)
+        k = block_split(shape, self.block_size, self.row_blocks)
         rows = math.prod(shape[:k])
-        first = spec[0] if spec and all(e is None for e in spec[1:k]) else None
-        if first is PartitionSpec.UNCONSTRAINED:
-            first = None
 
-        def rows_entry(multiple: int) -> Any:
-            """The first axis' entry if every shard of the rows holds a multiple of `multiple` of them."""
-            if first is None:
+        def whole(entry: Any, axis: int, count: int, multiple: int) -> Any:
+            """`entry` (of `axis`) if every shard of the `count` elements along it holds a multiple of `multiple`."""
+            if entry is None or entry is PartitionSpec.UNCONSTRAINED:
                 return None
-            size = _axis_size(sharding.mesh, first)
-            return first if shape[0] % size == 0 and (rows // size) % multiple == 0 else None
+            size = _axis_size(sharding.mesh, entry)
+            return entry if shape[axis] % size == 0 and (count // size) % multiple == 0 else None
 
-        def on(entry: Any) -> NamedSharding:
-            return NamedSharding(sharding.mesh, PartitionSpec(entry, *spec[k:]), memory_kind=sharding.memory_kind)
+        first = spec[0] if spec and all(e is None for e in spec[1:k]) else None
 
-        codes = sharding if self.bits == 8 else on(rows_entry(2))
-        return QuantizedArray(codes, on(rows_entry(self.block_size)), shape, self.block_size, self.bits)
+        def on(*entries: Any) -> NamedSharding:
+            return NamedSharding(sharding.mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind)
+
+        codes = sharding if self.bits == 8 else on(whole(first, 0, rows, 2), *spec[k:])
+        if self.row_blocks:
+            last = len(shape) - 1
+            scale = on(whole(first, 0, rows, 1), whole(spec[last], last, shape[last], self.block_size))
+        else:
+            scale = on(whole(first, 0, rows, self.block_size), *spec[k:])
+        return self._quantized(codes, scale, shape)
 
     def param_sharding(self, shardings: QuantizedArray) -> Any:
         """The parameter's layout, as the codes' shardings show it."""
@@ -681,7 +736,7 @@ class Blockwise:
         if self.bits == 8 or not isinstance(codes, NamedSharding):
             return codes
         shape = shardings.shape
-        k = column_split(shape, self.block_size)
+        k = block_split(shape, self.block_size, self.row_blocks)
         spec = list(codes.spec) + [None] * (len(shape) - k + 1 - len(codes.spec))
         entries = [spec[0], *([None] * (k - 1)), *spec[1:]]
         return NamedSharding(codes.mesh, PartitionSpec(*entries), memory_kind=codes.memory_kind)
@@ -704,16 +759,16 @@ class Blockwise:
 
         x_view = view(value(x).astype(jnp.float32))
         v = decay * _decode_view(stored) + complement * x_view
-        scale = decay * stored.scale + complement * _block_maxima(x_view, self.block_size)
+        scale = decay * stored.scale + complement * _block_maxima(x_view, self.block_size, self.row_blocks)
         if self.bits == 8:
             bits = _random.random_bits(v.shape, key) if self.stochastic else None
-            codes = _store(v, scale, self.block_size, 8, bits).reshape(stored.shape)
+            codes = _store(v, scale, self.block_size, self.row_blocks, 8, bits).reshape(stored.shape)
         else:
             old = stored.codes.astype(jnp.int32)
-            old_scale = _repeat(stored.scale, self.block_size // 2, old.shape[0])  # per packed row
 
             def v_of_pair(k: int) -> jax.Array:
                 # Each set of rows recomputes its v from its own nibbles and slices of g (see Elementwise).
+                old_scale = _pair_scale(stored.scale, self.block_size, self.row_blocks, k, old.shape)
                 old_k = old_scale * _code_value((old >> (4 * k)) & 15, 4)
                 x_k = x.of(lambda a: _paired(view(a), k)) if isinstance(x, Elementwise) else _paired(x_view, k)
                 return decay * old_k + complement * x_k.astype(jnp.float32)
@@ -722,8 +777,8 @@ class Blockwise:
                 shape = stored.codes.shape  # each set of rows is shaped like the packed codes
                 return _random.random_bits(shape, key, k * math.prod(shape)) if self.stochastic else None
 
-            codes = _encode_pairs(v_of_pair, _inverse(scale), self.block_size, bits_of_pair)
-        return v.reshape(stored.shape), QuantizedArray(codes, scale, stored.shape, self.block_size, self.bits)
+            codes = _encode_pairs(v_of_pair, _inverse(scale), self.block_size, self.row_blocks, bits_of_pair)
+        return v.reshape(stored.shape), self._quantized(codes, scale, stored.shape)
 
     def decode(self, stored: QuantizedArray) -> jax.Array:
         return dequantize(stored)
@@ -880,6 +935,10 @@ class Storage:
       factored: a `Factored` ``nu`` for real leaves whose two largest axes
         both have at least `factored_min_dim` elements (before quantizing).
       factored_min_dim: see `factored`.
+      row_blocks: None, a bool for every leaf, or a tree of bools shaped
+        like the params (or a function of the params returning one):
+        quantized leaves where it is True get row blocks (see
+        `QuantizedArray`).
     """
 
     nu_dtype: Any = None
@@ -889,8 +948,9 @@ class Storage:
     stochastic: bool = True
     factored: bool = False
     factored_min_dim: int = DEFAULT_FACTORED_MIN_DIM
+    row_blocks: Any = None
 
-    def formats(self, shape: Sequence[int], param_dtype: Any) -> tuple[Format, Dense]:
+    def formats(self, shape: Sequence[int], param_dtype: Any, row_blocks: bool = False) -> tuple[Format, Dense]:
         """``(format of nu, format of mu and momentum)`` for a leaf of this shape and dtype."""
         d_nu, d_signed = state_dtypes(param_dtype, self.nu_dtype, self.split_complex)
         signed = Dense(d_signed, self.stochastic)
@@ -899,8 +959,18 @@ class Storage:
         if axes is not None:
             return Factored(axes), signed
         if self.state_bits is not None and self.quantizes(shape, d_nu):
-            return Blockwise(self.block_size, self.stochastic, self.state_bits), signed
+            # One row holds the whole array: row blocks would be column blocks with a pad row.
+            rows = row_blocks and len(shape) >= 2 and math.prod(shape[:-1]) > 1
+            return Blockwise(self.block_size, self.stochastic, self.state_bits, rows), signed
         return Dense(d_nu, self.stochastic), signed
+
+    def leaf_formats(self, leaves: list[Any], treedef: jax.tree_util.PyTreeDef) -> list[tuple[Format, Dense]]:
+        """`formats` of every leaf of the params ``treedef.unflatten(leaves)`` (arrays or shape structs)."""
+        if self.row_blocks is None or isinstance(self.row_blocks, bool):
+            rows = [bool(self.row_blocks)] * len(leaves)
+        else:
+            rows = _checks.mask_leaves(self.row_blocks, jax.tree.unflatten(treedef, leaves), treedef, "row_blocks")
+        return [self.formats(p.shape, p.dtype, r) for p, r in zip(leaves, rows, strict=True)]
 
     def stored_formats(self, nu: Any, mu: Any = None) -> tuple[Format, Dense | None]:
         """The formats of a leaf's stored ``nu`` and ``mu`` (or momentum), read from what is stored."""
@@ -917,7 +987,7 @@ class Storage:
 def format_of(stored: Any, stochastic: bool = True) -> Format:
     """The format a stored buffer (array or stored node) was written in."""
     if isinstance(stored, QuantizedArray):
-        return Blockwise(stored.block_size, stochastic, stored.bits)
+        return Blockwise(stored.block_size, stochastic, stored.bits, stored.row_blocks)
     if isinstance(stored, FactoredArray):
         return Factored(stored.axes)
     return Dense(stored.dtype, stochastic)
@@ -936,6 +1006,7 @@ def make_storage(
     stochastic_rounding: Any,
     factored: Any = False,
     factored_min_dim: Any = None,
+    row_blocks: Any = None,
 ) -> Storage:
     """Validates the storage options of `rmsprop` / `scale_by_rms`.
 
@@ -950,6 +1021,8 @@ def make_storage(
       factored: True for a factored ``nu`` on large matrices.
       factored_min_dim: the smallest size of both factored axes (needs
         ``factored``); None means 128.
+      row_blocks: None, or a mask of the leaves whose quantized ``nu`` gets
+        row blocks (needs ``state_bits``).
     """
     if state_bits is not None and (isinstance(state_bits, bool) or state_bits not in (4, 8)):
         raise ValueError(f"state_bits must be None, 8 or 4, got {state_bits!r}.")
@@ -966,6 +1039,8 @@ def make_storage(
         if not factored:
             raise ValueError("factored_min_dim applies to the factored state: pass factored=True with it.")
         _check_positive_int("factored_min_dim", factored_min_dim)
+    if row_blocks is not None and state_bits is None:
+        raise ValueError("row_blocks applies to the quantized state: pass state_bits=8 or 4 with it.")
     stochastic = bool(stochastic_rounding) if stochastic_rounding is not None else True
     default_block = DEFAULT_BLOCK_SIZE_4BIT if state_bits == 4 else DEFAULT_BLOCK_SIZE
     return Storage(
@@ -976,6 +1051,7 @@ def make_storage(
         stochastic,
         bool(factored),
         int(factored_min_dim or DEFAULT_FACTORED_MIN_DIM),
+        row_blocks,
     )
 
 

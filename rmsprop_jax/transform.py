@@ -68,7 +68,7 @@ def init_moments(
 ) -> tuple[optax.Updates, optax.Updates | None, optax.Updates | None]:
     """Builds ``nu`` (filled with `initial_scale`) and zero ``mu`` / momentum buffers when used."""
     leaves, treedef = jax.tree.flatten(params)
-    fmts = [storage.formats(p.shape, p.dtype) for p in leaves]
+    fmts = storage.leaf_formats(leaves, treedef)
     nu = [nu_fmt.init(p, _initial_nu_value(initial_scale, nu_fmt)) for p, (nu_fmt, _) in zip(leaves, fmts, strict=True)]
 
     def zeros() -> optax.Updates:
@@ -86,7 +86,7 @@ def moment_shardings(
     momentum: bool = False,
 ) -> tuple[Any, Any, Any]:
     """The shardings of (nu, mu, momentum) for params `leaves` placed as `shardings` (`init_moments`' layout)."""
-    fmts = [storage.formats(p.shape, p.dtype) for p in leaves]
+    fmts = storage.leaf_formats(leaves, treedef)
     nu = [f.shardings(p.shape, s) for p, s, (f, _) in zip(leaves, shardings, fmts, strict=True)]
 
     def like_params() -> Any:
@@ -278,8 +278,8 @@ def needs_zero_guard(eps: Any) -> bool:
     return value is None or value < _checks.FLOAT32_TINY
 
 
-def check_factored(factored: Any, *, centered: bool, flat: bool) -> None:
-    """Rejects the options a factored nu does not combine with."""
+def check_layout(factored: Any, row_blocks: Any, *, centered: bool, flat: bool) -> None:
+    """Rejects the per-leaf layout options (factored nu, row blocks) with options they do not combine with."""
     if centered and factored:
         raise ValueError(
             "centered=True does not combine with factored=True: the factored estimate of E[g^2] is a rank-1 fit "
@@ -288,6 +288,11 @@ def check_factored(factored: Any, *, centered: bool, flat: bool) -> None:
     if flat and factored:
         raise ValueError(
             "factored=True needs the state per leaf (it factors matrices); flat=True stores 1-D vectors: use one."
+        )
+    if flat and row_blocks is not None:
+        raise ValueError(
+            "row_blocks chooses the block layout per leaf; flat=True stores 1-D vectors, whose blocks are runs of "
+            "consecutive elements: drop one of them."
         )
 
 
@@ -313,6 +318,7 @@ def scale_by_rms(
     stochastic_rounding: bool | None = None,
     state_bits: int | None = None,
     block_size: int | None = None,
+    row_blocks: Any = None,
     factored: bool = False,
     factored_min_dim: int | None = None,
     flat: bool = False,
@@ -367,6 +373,11 @@ def scale_by_rms(
         bytes per element; leaves under 4096 elements stay unquantized.
       block_size: elements per block, consecutive rows down the leaf's first
         axis (default 256 for 8 bits, 128 for 4; needs ``state_bits``).
+      row_blocks: True, or a mask of the leaves (a pytree of bools, or a
+        function of the params returning one) whose quantized ``nu`` keeps
+        its blocks within rows, ``block_size`` consecutive elements along
+        the last axis: for embedding tables (see :mod:`rmsprop_jax.lowmem`).
+        Needs ``state_bits``; not with ``flat``.
       factored: store ``nu`` of leaves whose two largest axes both have at
         least ``factored_min_dim`` elements as Adafactor's running row and
         column means (:class:`rmsprop_jax.formats.FactoredArray`, n + m
@@ -398,14 +409,14 @@ def scale_by_rms(
       lecture 6e (2012); Graves, *Generating Sequences With Recurrent Neural
       Networks*, arXiv:1308.0850 (2013), eqs. (38)-(41).
     """
-    check_factored(factored, centered=centered, flat=flat)
+    check_layout(factored, row_blocks, centered=centered, flat=flat)
     if flat:  # the same transform on per-dtype vectors (rmsprop_jax.flat)
         options = dict(locals())
         del options["flat"]
         return flat_transform(lambda _: scale_by_rms(**options))
     state_dtype = check_rms_args(decay, eps, initial_scale, nu_dtype)
     storage = formats.make_storage(
-        state_dtype, split_complex, state_bits, block_size, stochastic_rounding, factored, factored_min_dim
+        state_dtype, split_complex, state_bits, block_size, stochastic_rounding, factored, factored_min_dim, row_blocks
     )
     guard_zero = needs_zero_guard(eps)
 

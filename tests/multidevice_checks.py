@@ -552,6 +552,7 @@ FORMATS: dict[str, dict[str, Any]] = {
     "flat": dict(flat=True),
     "flat_8bit": dict(flat=True, state_bits=8),
     "4bit": dict(state_bits=4),
+    "4bit_rows": dict(state_bits=4, row_blocks=True),
     "factored": dict(factored=True, factored_min_dim=64),
 }
 
@@ -602,7 +603,7 @@ def transforms(params: Any) -> dict[str, optax.GradientTransformation]:
     out["chain"] = optax.chain(optax.clip_by_global_norm(1.0), rmsprop_jax.rmsprop(0.1, state_bits=8))
     out["optax.adam"] = optax.adam(0.1)
     out["multisteps"] = optax.MultiSteps(rmsprop_jax.rmsprop(0.1, momentum=0.9), every_k_schedule=2)
-    for name in ("float32", "8bit", "flat", "flat_8bit", "4bit", "factored"):
+    for name in ("float32", "8bit", "flat", "flat_8bit", "4bit", "4bit_rows", "factored"):
         out[f"zero1[{name}]"] = zero1(rmsprop_jax.rmsprop(0.1, momentum=0.9, **FORMATS[name]), params)
     return out
 
@@ -805,6 +806,12 @@ def zero1_of_every_format_splits_and_matches() -> None:
                     assert got[1].nu["w"].scale.sharding.is_fully_replicated
                     assert_spec(got[1].nu["w"].codes, P("data"))
                     big = [got[1].nu["w"].codes, *big[1:]]
+                if name == "4bit_rows":
+                    # Row blocks: one block per row of w (64 < 128 elements), so the (128, 1)
+                    # scales split with the rows, as the (64, 64) packed codes do.
+                    assert_spec(got[1].nu["w"].scale, P("data"))
+                    assert_spec(got[1].nu["w"].codes, P("data"))
+                    big = [got[1].nu["w"].codes, got[1].nu["w"].scale, *big[1:]]
                 total = rmsprop_jax.lowmem.state_bytes(big)
                 per_device = shard_bytes(big)
                 assert per_device * N_DEVICES == total, (per_device, total)

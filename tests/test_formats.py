@@ -75,12 +75,13 @@ def test_4bit_layouts_of_vectors_odd_rows_and_short_first_axes():
         np.testing.assert_array_equal(np.asarray(lowmem.nu_values(nu)[name]), np.ones(p.shape, np.float32))
 
 
+@pytest.mark.parametrize("row_blocks", [None, True])
 @pytest.mark.parametrize("shape", [(33, 300), (8192,), (6, 4, 200)])
-def test_4bit_average_decodes_the_float64_average_of_the_decoded_state(shape):
+def test_4bit_average_decodes_the_float64_average_of_the_decoded_state(shape, row_blocks):
     """One average step: the new value is γ·decode(old) + (1−γ)·g² in float64, the new codes decode close to it."""
     rng = np.random.default_rng(2)
     g = jnp.asarray(rng.normal(size=shape).astype(np.float32) * 10 ** rng.uniform(-2, 0, size=shape[-1]))
-    tx = rmsprop_jax.scale_by_rms(decay=0.9, state_bits=4, block_size=128)
+    tx = rmsprop_jax.scale_by_rms(decay=0.9, state_bits=4, block_size=128, row_blocks=row_blocks)
     state = tx.init(jnp.zeros(shape))
     state = jax.jit(tx.update)(g, state)[1]
     old = np.asarray(lowmem.nu_values(state.nu), np.float64)
@@ -202,7 +203,9 @@ def test_factored_and_4bit_combine_per_leaf():
     assert nu["s"].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("options", [{"state_bits": 4}, {"factored": True, "state_bits": 8}])
+@pytest.mark.parametrize(
+    "options", [{"state_bits": 4}, {"state_bits": 4, "row_blocks": True}, {"factored": True, "state_bits": 8}]
+)
 def test_new_formats_resume_bitwise_from_a_numpy_checkpoint(tmp_path, options):
     rng = np.random.default_rng(4)
     params = {"w": jnp.asarray(rng.normal(size=(256, 512)), jnp.float32)}
@@ -234,9 +237,65 @@ def test_new_formats_resume_bitwise_from_a_numpy_checkpoint(tmp_path, options):
         ({"factored": True, "factored_min_dim": 0}, "factored_min_dim"),
         ({"factored": "yes"}, "factored"),
         ({"state_bits": 4, "block_size": 127}, "even"),
+        ({"row_blocks": True}, "state_bits"),
+        ({"state_bits": 8, "row_blocks": True, "flat": True}, "flat"),
     ],
 )
-def test_factored_arguments_are_validated(options, match):
+def test_layout_arguments_are_validated(options, match):
     for make in (lambda **kw: rmsprop_jax.rmsprop(1e-3, **kw), rmsprop_jax.scale_by_rms):
         with pytest.raises(ValueError, match=match):
             make(**options)
+
+
+# --------------------------------------------------------------------------- row blocks
+
+
+@pytest.mark.parametrize("code_bits", [8, 4])
+def test_row_blocks_run_along_the_rows_and_never_mix_them(code_bits):
+    rng = np.random.default_rng(5)
+    v = (10 ** rng.uniform(-5, 0, size=(7, 300))).astype(np.float32)  # odd rows; two whole blocks and 44 per row
+    q = formats.quantize(jnp.asarray(v), block_size=128, code_bits=code_bits, row_blocks=True)
+    assert q.row_blocks and q.scale.shape == (7, 3)
+    assert q.codes.shape == ((7, 300) if code_bits == 8 else (4, 300))  # 4 bits: rows 2i and 2i + 1 share a byte
+    starts = range(0, 300, 128)
+    np.testing.assert_array_equal(np.asarray(q.scale), np.stack([v[:, a : a + 128].max(1) for a in starts], 1))
+    got = np.asarray(formats.dequantize(q))
+    for r in range(7):
+        for a in starts:  # each block is quantized as a vector of its own elements alone would be
+            alone = formats.quantize(jnp.asarray(v[r, a : a + 128]), block_size=128, code_bits=code_bits)
+            np.testing.assert_array_equal(got[r, a : a + 128], np.asarray(formats.dequantize(alone)))
+    if code_bits == 4:
+        ratio = v.astype(np.float64) / np.repeat(np.asarray(q.scale, np.float64), 128, axis=1)[:, :300]
+        nearest = np.argmin(np.abs(GRID_4BIT[None, None, :] - ratio[..., None]), axis=-1)
+        representable = ratio >= GRID_4BIT[1] / 2
+        np.testing.assert_array_equal(_codes(q)[:7][representable], nearest[representable])
+
+
+def test_row_blocks_keep_every_row_of_a_table_to_its_own_scale():
+    """Rows (tokens) whose squared gradients lie eight decades apart: each row block spans a factor of 2 only."""
+    rng = np.random.default_rng(6)
+    v = (10 ** rng.uniform(-8, 0, size=(512, 1)) * rng.uniform(0.5, 1, size=(512, 128))).astype(np.float32)
+
+    def error(**layout):
+        decoded = np.asarray(formats.dequantize(formats.quantize(jnp.asarray(v), 128, code_bits=4, **layout)))
+        return np.abs(decoded.astype(np.float64) - v) / v
+
+    # Ratios in [0.5, 1] of the block maximum lie among codes 12..15, whose half gaps are at most 19 % of
+    # the lower code's value. Column blocks put rare rows under code 1 of a block led by another row.
+    half_gap = (GRID_4BIT[13] - GRID_4BIT[12]) / 2 / GRID_4BIT[12]
+    assert error(row_blocks=True).max() <= half_gap + 1e-6
+    columns = error()
+    assert np.median(columns) > 2 * half_gap and columns.max() > 100
+
+
+def test_row_blocks_mask_picks_the_leaves():
+    params = {"emb": jnp.zeros((1024, 64)), "w": jnp.zeros((256, 256)), "v": jnp.zeros(8192)}
+    mask = {"emb": True, "w": False, "v": True}
+    for make in (lambda **kw: rmsprop_jax.rmsprop(1e-3, **kw), rmsprop_jax.scale_by_rms):
+        nu = make(state_bits=8, row_blocks=mask).init(params).nu
+        assert nu["emb"].row_blocks and nu["emb"].scale.shape == (1024, 1)
+        assert not nu["w"].row_blocks and nu["w"].scale.shape == (1, 256)
+        assert not nu["v"].row_blocks  # one axis: its blocks are consecutive elements either way
+        assert make(state_bits=8, row_blocks=lambda p: mask).init(params).nu["emb"].row_blocks
+    with pytest.raises(ValueError, match="row_blocks"):
+        rmsprop_jax.rmsprop(1e-3, state_bits=8, row_blocks={"emb": True}).init(params)
