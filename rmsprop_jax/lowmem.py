@@ -88,9 +88,10 @@ Ways to store the state in fewer bytes, selected by options of
   error of the decoded ``nu`` from 14-16 % to 1.2-4.0 % (8-bit) and from
   46-73 % to 20-33 % (4-bit), and rare tokens' mean 4-bit step from 2.11×
   to 1.04× the float32 step. Their block maxima reduce within each row,
-  which costs more on the CPU: at 1e7 parameters in rows of 128, 1.67×
-  the float32-state step against 1.53× for column blocks (8-bit), 2.51×
-  against 2.43× (4-bit); in rows of 1,000, 2.15× against 1.33× (8-bit).
+  which costs more on the CPU: at 1e7 parameters in rows of 128,
+  1.53-1.67× the float32-state step against 1.23-1.53× for column blocks
+  (8-bit), 2.28-2.51× against 2.05-2.43× (4-bit); in rows of 1,000, 2.15×
+  against 1.33× (8-bit).
 
 * ``factored=True``: ``nu`` of every matrix whose two largest axes both have
   at least ``factored_min_dim`` (128) elements is kept as Adafactor's
