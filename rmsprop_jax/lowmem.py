@@ -106,12 +106,16 @@ Ways to store the state in fewer bytes, selected by options of
 buffer k (0 ``nu``, 1 ``mu``, 2 momentum) of leaf l at step t (the state's
 1-based ``count``) are
 
-.. math:: h = \mathrm{mix}(i \oplus \mathrm{mix}(t \cdot \phi + \mathrm{mix}(l \cdot c_1 + k \cdot c_2 + c_3)))
+.. math:: h = \mathrm{scramble}(i \oplus \mathrm{mix}(t \cdot \phi + \mathrm{mix}(l \cdot c_1 + k \cdot c_2 + c_3)))
 
 with mix the 32-bit integer finalizer "lowbias32" (C. Wellons, 2018:
 ``x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16``),
-a bijection with good avalanche, and φ, c₁, c₂, c₃ odd 32-bit constants; the
-top 24 bits give a uniform number in [0, 1). It costs a few integer
+a bijection with good avalanche, scramble its middle three operations
+(``x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b``), and φ, c₁, c₂, c₃ odd
+32-bit constants; the top 24 bits give a uniform number in [0, 1). The key
+is fully mixed, so each element's bits are uniform and independent across
+steps; the per-element hash only decorrelates the elements of one step
+(correlations under 0.003 at offsets 1 to 65,536). It costs five integer
 operations per element inside the update's fused loop, needs no key in the
 state and is the same on every backend and under any sharding. Replaying a
 step from the same state gives the same bits; a skipped step

@@ -131,8 +131,11 @@ def test_bf16_state_follows_the_float64_reference():
     last = step_slice(updates, len(want_updates) - 1)
     for u, b in zip(jax.tree.leaves(last), jax.tree.leaves(state.momentum), strict=True):
         np.testing.assert_array_equal(np.asarray(u), -np.asarray(b, np.float32))
+    # Centered: the stored v and m each carry up to 2^-8 of rounding per step, and v - m^2 magnifies it where
+    # they nearly cancel. Over 16 random streams (key salts) the worst update of this run lies within 0.037
+    # (|want| + max |want|) of the reference; 3e-2 failed on 3 of them.
     for i, want in enumerate(want_updates):
-        assert_tree_close(step_slice(updates, i), want, 3e-2, what=f"step {i + 1}")
+        assert_tree_close(step_slice(updates, i), want, 5e-2, what=f"step {i + 1}")
     assert_tree_close(state.nu, ref.nu, 3e-2)
 
 
