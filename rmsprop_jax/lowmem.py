@@ -67,7 +67,7 @@ Ways to store the state in fewer bytes, selected by options of
   the float32 average with round-to-nearest and +0.3 % with stochastic
   rounding (median elementwise error 34 %). The noise
   makes 4-bit steps larger on average, since 1/√v of an unbiased but noisy v
-  is larger than 1/√ of its mean: 1.41× the float32 step on average over the
+  is larger than 1/√ of its mean: 1.41-1.42× the float32 step on average over the
   elements of the swamping stream in ``benchmarks/RESULTS.md``,
   so 4-bit state acts like a somewhat larger learning rate, and its update
   keeps the float32 value of the step. The
@@ -88,10 +88,9 @@ Ways to store the state in fewer bytes, selected by options of
   error of the decoded ``nu`` from 14-16 % to 1.2-4.0 % (8-bit) and from
   46-73 % to 20-33 % (4-bit), and rare tokens' mean 4-bit step from 2.11×
   to 1.04× the float32 step. Their block maxima reduce within each row,
-  which costs more on the CPU: at 1e7 parameters in rows of 128,
-  1.53-1.67× the float32-state step against 1.23-1.53× for column blocks
-  (8-bit), 2.28-2.51× against 2.05-2.43× (4-bit); in rows of 1,000, 2.15×
-  against 1.33× (8-bit).
+  which costs more on the CPU: at 1e7 parameters in rows of 128 a
+  row-block step took 1.09-1.36× the column-block step (8-bit) and
+  1.03-1.11× (4-bit) in three timings; in rows of 1,000, 1.5-1.6×.
 
 * ``factored=True``: ``nu`` of every matrix whose two largest axes both have
   at least ``factored_min_dim`` (128) elements is kept as Adafactor's
