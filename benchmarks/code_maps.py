@@ -4,10 +4,12 @@
 scale per block that bounds the block's values, stochastic rounding) with each candidate map and
 compares the decoded values with the float32 average of the same gradients:
 
-* **power**: code c stands for s·(c/L)⁴, the 4-bit map in use (`rmsprop_jax.formats`);
+* **power**: code c stands for s·(c/L)⁴ (the earlier 4-bit map; its encoder needs two square
+  roots per element);
 * **exponent–mantissa (mM)**: code c stands for the float32 whose bits are those of 1.0 minus
   (L − c)·2^(23 − M), i.e. M mantissa bits per binade below the block scale, 0 for code 0. Its
-  codes are the top bits of the float32 ratio v/s, so encoding is integer arithmetic;
+  codes are the top bits of the float32 ratio v/s, so encoding is integer arithmetic; m0 at 4 bits
+  (one code per binade) is the 4-bit map in use (`rmsprop_jax.formats`);
 * **two segments (mA/mB)**: A mantissa bits per binade over the top binades, B below them;
   m5/m3 (the top 4 binades, 128 codes, at 5 bits) is the 8-bit map in use, m4/m3 splits at
   8 binades.
@@ -37,10 +39,26 @@ def _bits(u: jax.Array) -> jax.Array:
     return (u * 2.0**24).astype(jnp.uint32) << 8  # the formats draw from the top bits
 
 
+def power_value(code: jax.Array, levels: int) -> jax.Array:
+    """The ratio v/s = (c / L)^4 of fourth-power codes with top code L = `levels`, in float32."""
+    t = code.astype(jnp.float32) * jnp.float32(1 / levels)
+    t2 = t * t
+    return t2 * t2
+
+
+def power_codes(r: jax.Array, u: jax.Array, levels: int) -> jax.Array:
+    """Fourth-power codes of ratios `r` in [0, 1], rounded stochastically with uniform draws `u`."""
+    low = jnp.clip(jnp.floor(jnp.sqrt(jnp.sqrt(r)) * levels), 0, levels - 1)
+    q_low, q_high = power_value(low, levels), power_value(low + 1, levels)
+    code = low + (u * (q_high - q_low) < r - q_low).astype(jnp.float32)  # up with probability ∝ distance
+    code = jnp.where(r > 0, jnp.maximum(code, 1), code)  # never store a non-zero v as 0
+    return code.astype(jnp.uint8)
+
+
 def power_map(bits: int) -> tuple[Decode, Encode]:
-    """The fourth-power map of `rmsprop_jax.formats` (its 4-bit map), with uniform draws in place of random bits."""
+    """The fourth-power map with top code 2^bits − 1."""
     levels = (1 << bits) - 1
-    return (lambda c: formats.power_value(c, levels)), (lambda r, u: formats.power_codes(r, _bits(u), levels))
+    return (lambda c: power_value(c, levels)), (lambda r, u: power_codes(r, u, levels))
 
 
 def float_map(bits: int, fine_binades: int, fine_bits: int, coarse_bits: int) -> tuple[Decode, Encode]:

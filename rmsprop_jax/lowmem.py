@@ -52,30 +52,33 @@ Ways to store the state in fewer bytes, selected by options of
   overwrites the old codes in place instead of copying them first), so a
   step moves by at most half a code step of v.
 
-* ``state_bits=4``: the fourth-power map with 15 as the top code, :math:`v = s_B
-  (c/15)^4`, two codes per byte and a float32 scale per block of 128 rows by
-  default: 0.5 + 4/128 ≈ 0.53 bytes per parameter. A byte holds the codes of
-  the same element in two neighbouring rows (rows 2i and 2i + 1), which lie
-  in one block, so every loop stays contiguous; an odd last row is paired
-  with zero codes. Code 0 again stands only for v = 0. With 16
-  codes a step of v is far below one code for any decay near 1 (*signal
-  swamping*): with round-to-nearest the stored v sticks,
-  while stochastic rounding keeps the mean unbiased at the price of
-  elementwise noise, which the square root halves in the step. Measured on
-  8,192 elements at decay 0.999, 1,500 steps of unit-scale gradients and
-  then 2,500 steps 100× smaller: the mean of the stored v ends +33 % above
-  the float32 average with round-to-nearest and +0.3 % with stochastic
-  rounding (median elementwise error 34 %). The noise
-  makes 4-bit steps larger on average, since 1/√v of an unbiased but noisy v
-  is larger than 1/√ of its mean: 1.41-1.42× the float32 step on average over the
-  elements of the swamping stream in ``benchmarks/RESULTS.md``,
-  so 4-bit state acts like a somewhat larger learning rate, and its update
-  keeps the float32 value of the step. The
-  fourth-power map keeps the smallest code at :math:`s_B/15^4 = 2\cdot 10^{-5} s_B`, so values four
-  decades below their block maximum are still represented; a linear map
-  without a zero code would clamp everything under :math:`s_B/15` up to it,
-  and 4-bit float maps lose to it under swamping (median error 48 % with one
-  code per binade).
+* ``state_bits=4``: a float map with no mantissa bits, one code per binade:
+  :math:`v = s_B\,2^{c-15}` for codes 1-15 (down to :math:`2^{-14} s_B
+  \approx 6.1\cdot 10^{-5} s_B`, 4.2 decades), code 0 only for v = 0; two
+  codes per byte and a float32 scale per block of 128 rows by default: 0.5 +
+  4/128 ≈ 0.53 bytes per parameter. A byte holds the codes of the same
+  element in two neighbouring rows (rows 2i and 2i + 1), which lie in one
+  block, so every loop stays contiguous; an odd last row is paired with zero
+  codes. Like the 8-bit codes they are the top bits of the float32 ratio, so
+  encoding is integer arithmetic: 1.9-2.1× the float32-state step with the
+  earlier fourth-power map :math:`(c/15)^4` (two square roots per element to
+  encode), ~1.5× with this one. With 16 codes a step of v is far below one
+  code for any decay near 1 (*signal swamping*): with round-to-nearest the
+  stored v sticks, while stochastic rounding keeps the mean unbiased at the
+  price of elementwise noise, which the square root halves in the step. On
+  8,192 elements at decay 0.999, 1,000 steps of unit-scale gradients and
+  then 2,000 steps 100× smaller, the mean of the stored v ends +30 % above
+  the float32 average with round-to-nearest and within 0.1 % with
+  stochastic rounding. The noise makes 4-bit steps larger on average, since
+  1/√v of an unbiased but noisy v is larger than 1/√ of its mean (see
+  ``benchmarks/RESULTS.md`` for the swamping stream's figures), so 4-bit
+  state acts like a somewhat larger learning rate, and its update keeps the
+  float32 value of the step. The map was chosen by measurement
+  (``python -m benchmarks.code_maps`` and ``benchmarks/RESULTS.md``): on
+  values whose scales spread over two decades it has a lower median error
+  than the fourth-power map (51 % against 62 %) and a smaller mean step
+  (1.12× against 1.42× the float32 step), on a stream of one scale a higher
+  one (48 % against 34 %), with the same training quality.
 
 * ``row_blocks`` (with ``state_bits``; True, or a mask of the leaves): the
   blocks of those leaves run along the last axis instead, ``block_size``

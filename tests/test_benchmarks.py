@@ -51,11 +51,16 @@ def test_code_map_candidates_decode_their_own_codes_and_round_without_bias():
     from benchmarks import code_maps
     from rmsprop_jax import formats
 
-    # The "power" candidate at 4 bits is the library's 4-bit map: code c stands for s·(c/15)^4.
-    decode, _ = code_maps.power_map(4)
-    v = jnp.asarray((np.arange(256) % 16 / 15.0) ** 4 * 2.0, jnp.float32).reshape(256, 1)
+    # The "m0" candidate at 4 bits is the library's 4-bit map: code c stands for s·2^(c - 15), code 0 for 0.
+    decode, _ = code_maps.CANDIDATES[4]["m0"]
+    grid = np.where(np.arange(16) > 0, 2.0 ** (np.arange(16) - 15.0), 0.0)
+    np.testing.assert_array_equal(np.asarray(decode(jnp.arange(16)), np.float64), grid)
+    v = jnp.asarray(grid[np.arange(256) % 16] * 2.0, jnp.float32).reshape(256, 1)
     q = formats.quantize(v.at[::128].set(2.0), block_size=128, code_bits=4)
     codes = np.stack([np.asarray(q.codes) & 15, np.asarray(q.codes) >> 4], 1).reshape(256, 1)
+    want = np.arange(256) % 16
+    want[::128] = 15  # the block maxima
+    np.testing.assert_array_equal(codes[:, 0], want)  # every grid value gets its own code
     np.testing.assert_allclose(2.0 * np.asarray(decode(codes)), np.asarray(formats.dequantize(q)), rtol=1e-6)
     # "m5/m3" is the library's 8-bit map: a block holding every code value gets every code.
     decode, _ = code_maps.CANDIDATES[8]["m5/m3"]
@@ -89,6 +94,9 @@ def test_embedding_blocks_rows_are_unbiased_never_zero_and_row_blocks_beat_colum
     for row in rows:
         # Stochastic rounding keeps the stored mean right and no non-zero v decodes to 0, rare tokens included.
         assert row["rows"] > 0 and row["zeros"] == 0
-        assert abs(row["mean_bias"]) < 0.05, row
+        # 4-bit's lowest code is 6.1e-5 of the block scale and smaller values are stored as it: on the 44
+        # frequent rows of this short run, whose averages hold few hits, that lifts the mean by up to 6 %
+        # (0.8 % on the full table of `python -m benchmarks.embedding_blocks`).
+        assert abs(row["mean_bias"]) < (0.08 if row["state"].startswith("4-bit") else 0.02), row
         # Unbiased but noisy v: 1/sqrt of it is larger on average (Jensen), never smaller by much.
         assert row["step_mean"] > 0.99, row
