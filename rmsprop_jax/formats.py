@@ -206,6 +206,15 @@ def for_update(fmt: Format, value: jax.Array, stored: Any, count: jax.Array, dty
 # --------------------------------------------------------------------------- the block view
 
 
+def _uses_row_blocks(shape: Sequence[int], row_blocks: bool) -> bool:
+    """Whether row blocks are used for an array of `shape`: at least two axes and more than one row.
+
+    An array that is one row (or a vector) has its blocks along that row in
+    the column layout too, which needs no pad row for 4-bit pairs.
+    """
+    return bool(row_blocks) and len(shape) >= 2 and math.prod(shape[:-1]) > 1
+
+
 def block_split(shape: Sequence[int], block_size: int, row_blocks: bool = False) -> int:
     """How many leading axes are merged into the view's rows (see `block_view`)."""
     if row_blocks:
@@ -388,8 +397,7 @@ def float_codes(
     x = jax.lax.bitcast_convert_type(r, jnp.int32)
     offset, shift = _segment(x >= split_bits, fine_offset, coarse_offset, fine_bits, coarse_bits)
     # Half a step, or the top `shift` random bits.
-    random = None if bits is None else (bits >> (32 - shift).astype(jnp.uint32)).astype(jnp.int32)
-    below = jnp.int32(1) << (shift - 1) if random is None else random
+    below = jnp.int32(1) << (shift - 1) if bits is None else (bits >> (32 - shift).astype(jnp.uint32)).astype(jnp.int32)
     code = (x - offset + below) >> shift
     return jnp.clip(code, jnp.where(r > 0, 1, 0), levels).astype(jnp.uint8)
 
@@ -517,7 +525,8 @@ def quantize(
         code.
       code_bits: 8, or 4 for two codes per byte.
       row_blocks: blocks along the last axis (within rows) instead of down
-        the first (see `QuantizedArray`); ignored for fewer than two axes.
+        the first (see `QuantizedArray`); ignored for vectors and single
+        rows, whose column blocks already run along the row.
 
     Returns:
       A `QuantizedArray`. Every non-zero value gets a non-zero code.
@@ -533,7 +542,7 @@ def quantize(
     """
     shape = tuple(np.shape(v))
     _check_block(block_size, code_bits)
-    row_blocks = row_blocks and len(shape) >= 2
+    row_blocks = _uses_row_blocks(shape, row_blocks)
     rows, trailing = block_view(shape, block_size, row_blocks)
     x = jnp.asarray(v, jnp.float32).reshape((rows, *trailing))
     x = jnp.where(x <= 0, 0, x)
@@ -949,8 +958,7 @@ class Storage:
         if axes is not None:
             return Factored(axes), signed
         if self.state_bits is not None and self.quantizes(shape, d_nu):
-            # One row holds the whole array: row blocks would be column blocks with a pad row.
-            rows = row_blocks and len(shape) >= 2 and math.prod(shape[:-1]) > 1
+            rows = _uses_row_blocks(shape, row_blocks)
             return Blockwise(self.block_size, self.stochastic, self.state_bits, rows), signed
         return Dense(d_nu, self.stochastic), signed
 
