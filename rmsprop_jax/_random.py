@@ -55,6 +55,17 @@ def random_bits(shape: tuple[int, ...], key: jax.Array, offset: int = 0) -> jax.
     return scramble(index.reshape(shape) ^ key)
 
 
+def split_halves(bits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two sets of random bits from one: the top 16 bits of `bits`, and its low 16 bits, each as the top of a uint32.
+
+    For stochastic rounding that reads the top bits of a word, 16 bits
+    resolve the probability of rounding up to 2^-16 of a code step. The two
+    halves of `scramble`'s output are uncorrelated (below 0.002) and each as
+    uniform as its top bits.
+    """
+    return bits & jnp.uint32(0xFFFF0000), bits << 16
+
+
 def uniform(bits: jax.Array) -> jax.Array:
     """float32 numbers in [0, 1) from the top 24 of 32 random bits (exact)."""
     return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)

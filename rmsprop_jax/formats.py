@@ -47,6 +47,8 @@ structure depends only on the options and the params' shapes.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -168,26 +170,41 @@ class Elementwise:
         """`fn` applied to ``view(operand)`` of each operand."""
         return self.fn(*(view(x) for x in self.operands))
 
+    def twin(self) -> jax.Array:
+        """The same values as ``value(self)`` for an even `fn` (|g|²), by operations that XLA keeps apart.
+
+        `fn` is applied to max(a, −a) = |a| of each real operand. A second
+        consumer of the value that reads this twin gets its own copy of the
+        cheap producer: XLA merges identical expressions, and rewrites
+        |a|·|a| to a·a, but keeps max(a, −a). Complex operands give the
+        value itself.
+        """
+        if any(jnp.iscomplexobj(x) for x in self.operands):
+            return value(self)
+        return self.of(lambda a: jnp.maximum(a, -a))
+
 
 def value(x: jax.Array | Elementwise) -> jax.Array:
     """The array an average input stands for."""
     return x.of(lambda a: a) if isinstance(x, Elementwise) else x
 
 
-def written(stored: Any, count: jax.Array) -> Any:
-    """`stored` (a stored buffer) unchanged, as a value that XLA writes out before anything reads it.
+def written(stored: Any, token: jax.Array) -> Any:
+    """`stored` (arrays) unchanged, as a value that XLA writes out before anything reads it.
 
     Reading a new buffer back through this keeps XLA from recomputing it
     from the old one in every kernel that uses it (it duplicates cheap
     elementwise producers into their consumers): the kernel that reads it
     then runs after the one that writes it, and the old buffer, overwritten
-    in place, needs no copy. It is a conditional on a predicate that holds
-    at every step (the step count never goes below zero) whose other branch
-    is a different identity (XLA removes a conditional whose branches are
-    the same).
+    in place, needs no copy. It is a conditional on ``token >= 0``, for an
+    integer scalar `token` known only at run time (the step count, a random
+    key), whose branches are two different identities: XLA removes a
+    conditional whose branches are the same, and does not fuse across one.
+    Either branch gives `stored` (the other adds a zero; only a −0.0 would
+    become +0.0).
     """
     return jax.lax.cond(
-        count >= 0, lambda t: t, lambda t: jax.tree.map(lambda a: a + jnp.zeros((), a.dtype), t), stored
+        token >= 0, lambda t: t, lambda t: jax.tree.map(lambda a: a + jnp.zeros((), a.dtype), t), stored
     )
 
 
@@ -263,39 +280,65 @@ def _spread(scale: jax.Array, block_size: int, row_blocks: bool, view_shape: Seq
     return wide.reshape((scale.shape[0], -1))[:, : view_shape[-1]]
 
 
-def tree_reduce(x: jax.Array, axis: int, combine: Callable, reduce: Callable) -> jax.Array:
-    """Reduces `axis` by combining its halves elementwise while it is even and longer than 16, then `reduce`.
+# Halvings that XLA:CPU fuses with their producer (the squared gradient) into one kernel.
+_FUSED_HALVINGS = 3
 
-    XLA:CPU (jaxlib 0.10) sends a plain reduction to a library kernel that
-    needs its input written out and runs ~4-10x slower than the memory
-    traffic (a row or column mean of 1e7 squared gradients: 11 ms against
-    3 ms for the tree), while each halving is one fused loop.
+
+def tree_reduce(
+    x: jax.Array, axis: int, combine: Callable, reduce: Callable, stop: int = 16, token: jax.Array | None = None
+) -> jax.Array:
+    """Reduces `axis` by combining its halves elementwise while it is even and longer than `stop`, then `reduce`.
+
+    XLA:CPU (jaxlib 0.10) sends a plain reduction over a major axis to a
+    library kernel that runs several times slower than the memory traffic,
+    while each halving is an elementwise loop. XLA fuses the halvings from
+    the last one up, about four to a kernel, and where the rest no longer
+    fits with their producer it writes the producer out (the squared
+    gradient, 4 bytes per parameter). With a run-time `token`, the value
+    after the first `_FUSED_HALVINGS` halvings goes through `written`
+    instead: one kernel reads `x` and writes an eighth of it, and the
+    remaining halvings read that.
     """
     axis = axis % x.ndim
-    while x.shape[axis] > 16 and x.shape[axis] % 2 == 0:
+    for level in itertools.count():
+        if x.shape[axis] <= stop or x.shape[axis] % 2:
+            break
+        if level == _FUSED_HALVINGS and token is not None:
+            x = written(x, token)
         half = x.shape[axis] // 2
         x = combine(jax.lax.slice_in_dim(x, 0, half, axis=axis), jax.lax.slice_in_dim(x, half, 2 * half, axis=axis))
     return reduce(x, axis=axis)
 
 
-def _block_maxima(x: jax.Array, block_size: int, row_blocks: bool = False) -> jax.Array:
+def _block_maxima(
+    x: jax.Array | Elementwise, block_size: int, row_blocks: bool = False, token: jax.Array | None = None
+) -> jax.Array:
     """The maximum of each block of the view `x` (NaN if a block holds one), shaped like the scales.
 
-    Column blocks run down a major axis, so every step of the reduction is
-    an elementwise maximum of contiguous rows: ~3x faster on XLA:CPU than
-    row blocks, whose maxima reduce within each vector.
+    `x` is the view or an `Elementwise` function of arrays shaped like it,
+    whose operands are sliced rather than the fused value (see
+    `Elementwise`). Column blocks run down a major axis, so every step of
+    the reduction is an elementwise maximum of contiguous rows: ~3x faster
+    on XLA:CPU than row blocks, whose maxima reduce within each vector. The
+    whole blocks halve down to single rows, with the `token` of `tree_reduce`:
+    the library reduction that a shorter tree ends in reads the partial
+    maxima ~3x slower than halvings do.
     """
     axis = 1 if row_blocks else 0
-    n = x.shape[axis]
+    shape = x.operands[0].shape if isinstance(x, Elementwise) else x.shape
+    n = shape[axis]
     whole = n // block_size
+
+    def rows(start: int, stop: int) -> jax.Array:
+        cut = functools.partial(jax.lax.slice_in_dim, start_index=start, limit_index=stop, axis=axis)
+        return x.of(cut).astype(jnp.float32) if isinstance(x, Elementwise) else cut(x)
+
     parts = []
     if whole:
-        blocks = jax.lax.slice_in_dim(x, 0, whole * block_size, axis=axis)
-        blocks = blocks.reshape((*x.shape[:axis], whole, block_size, *x.shape[axis + 1 :]))
-        parts.append(tree_reduce(blocks, axis + 1, jnp.maximum, jnp.max))
+        blocks = rows(0, whole * block_size).reshape((*shape[:axis], whole, block_size, *shape[axis + 1 :]))
+        parts.append(tree_reduce(blocks, axis + 1, jnp.maximum, jnp.max, stop=1, token=token))
     if whole * block_size < n:
-        rest = jax.lax.slice_in_dim(x, whole * block_size, n, axis=axis)
-        parts.append(jnp.expand_dims(tree_reduce(rest, axis, jnp.maximum, jnp.max), axis))
+        parts.append(jnp.expand_dims(tree_reduce(rows(whole * block_size, n), axis, jnp.maximum, jnp.max), axis))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
@@ -758,7 +801,9 @@ class Blockwise:
 
         x_view = view(value(x).astype(jnp.float32))
         v = decay * _decode_view(stored) + complement * x_view
-        scale = decay * stored.scale + complement * _block_maxima(x_view, self.block_size, self.row_blocks)
+        viewed = Elementwise(x.fn, tuple(view(a) for a in x.operands)) if isinstance(x, Elementwise) else x_view
+        maxima = _block_maxima(viewed, self.block_size, self.row_blocks, key.astype(jnp.int32))
+        scale = decay * stored.scale + complement * maxima
         if self.bits == 8:
             bits = _random.random_bits(v.shape, key) if self.stochastic else None
             codes = _store(v, scale, self.block_size, self.row_blocks, 8, bits).reshape(stored.shape)
@@ -772,9 +817,11 @@ class Blockwise:
                 x_k = x.of(lambda a: _paired(view(a), k)) if isinstance(x, Elementwise) else _paired(x_view, k)
                 return decay * old_k + complement * x_k.astype(jnp.float32)
 
+            # One hash per byte (`_random.split_halves`): half the hashing of one per element.
+            word = _random.random_bits(stored.codes.shape, key) if self.stochastic else None
+
             def bits_of_pair(k: int) -> jax.Array | None:
-                shape = stored.codes.shape  # each set of rows is shaped like the packed codes
-                return _random.random_bits(shape, key, k * math.prod(shape)) if self.stochastic else None
+                return None if word is None else _random.split_halves(word)[k]
 
             codes = _encode_pairs(v_of_pair, _inverse(scale), self.block_size, self.row_blocks, bits_of_pair)
         return v.reshape(stored.shape), self._quantized(codes, scale, stored.shape)
@@ -878,12 +925,18 @@ class Factored:
     def average(
         self, stored: FactoredArray, x: jax.Array | Elementwise, decay: jax.Array, complement: jax.Array, key: jax.Array
     ) -> tuple[jax.Array, FactoredArray]:
-        del key  # float32 means: nothing to round
         a, b = self.axes
-        squares = value(x).astype(jnp.float32) + jnp.float32(FACTORED_EPS)
+        squares = value(x).astype(jnp.float32)
         shape = squares.shape
-        row = decay * stored.row + complement * (tree_reduce(squares, b, jnp.add, jnp.sum) / shape[b])
-        col = decay * stored.col + complement * (tree_reduce(squares, a, jnp.add, jnp.sum) / shape[a])
+        eps = jnp.float32(FACTORED_EPS)  # mean(x + ε₁) = mean(x) + ε₁, added once per mean
+        # Sums over axis b (the last one of a matrix) are a plain reduction, which the library kernel
+        # fuses with its producer only when the producer has no other consumer, hence a twin of the
+        # squares. Axis a, a major one, reduces by halving contiguous rows (see `tree_reduce`).
+        twin = x.twin() if isinstance(x, Elementwise) else squares
+        row = decay * stored.row + complement * (jnp.sum(twin.astype(jnp.float32), axis=b) / shape[b] + eps)
+        # The random key is only a run-time token here (see `written`): float32 means need no rounding.
+        col_sums = tree_reduce(squares, a, jnp.add, jnp.sum, token=key.astype(jnp.int32))
+        col = decay * stored.col + complement * (col_sums / shape[a] + eps)
         return self._reconstruct(row, col), FactoredArray(row, col, stored.shape, self.axes)
 
     def decode(self, stored: FactoredArray) -> jax.Array:

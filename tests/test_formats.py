@@ -109,6 +109,35 @@ def test_4bit_stochastic_rounding_is_unbiased():
     np.testing.assert_array_less(np.abs(got - v), 5 * 0.5 * spacing / np.sqrt(draws) + 1e-12)
 
 
+def test_4bit_update_rounds_both_rows_of_a_byte_unbiased_and_independently():
+    # The update draws one hash per byte and rounds the byte's two rows with its two halves.
+    rng = np.random.default_rng(2)
+    x = jnp.asarray((10 ** rng.uniform(-4, 0, size=(256, 64))).astype(np.float32))
+    fmt = formats.Blockwise(block_size=128, bits=4)  # two blocks of 128 rows in each column
+    stored = fmt.init(x, 0.0)
+
+    def draw(key):  # decay 0: the new v is x itself, stored with this step's random bits
+        return formats.dequantize(fmt.average(stored, x, jnp.float32(0), jnp.float32(1), key)[1])
+
+    draws = 3000
+    got = np.asarray(jax.jit(jax.vmap(draw))(lowmem.step_key(jnp.arange(1, draws + 1), 0, 0)), np.float64)
+    scale = np.repeat(np.asarray(x, np.float64).reshape(2, 128, 64).max(axis=1), 128, axis=0)
+    v = np.asarray(x, np.float64) / scale
+    upper = np.searchsorted(GRID_4BIT, v)
+    low, high = GRID_4BIT[np.maximum(upper - 1, 0)], GRID_4BIT[np.minimum(upper, 15)]
+    ratio = got / scale
+    assert np.all(np.isclose(ratio, low) | np.isclose(ratio, high))  # always a neighbouring code
+    np.testing.assert_array_less(np.abs(ratio.mean(axis=0) - v), 5 * 0.5 * (high - low) / np.sqrt(draws) + 1e-12)
+    # Whether an element rounds up is uncorrelated with whether its partner in the byte (next row) does.
+    up = (ratio > low + 1e-12).astype(np.float64)
+    even, odd = up[:, 0::2].reshape(draws, -1), up[:, 1::2].reshape(draws, -1)
+    # Pairs whose rates are both away from 0 and 1, where the sample correlation is near normal (sd 1/sqrt(draws)).
+    mixed = np.all([(r.mean(axis=0) > 0.1) & (r.mean(axis=0) < 0.9) for r in (even, odd)], axis=0)
+    corr = np.array([np.corrcoef(even[:, i], odd[:, i])[0, 1] for i in np.flatnonzero(mixed)])
+    assert corr.size > 1000
+    assert abs(corr.mean()) < 3 / np.sqrt(draws * corr.size) and np.max(np.abs(corr)) < 5 / np.sqrt(draws)
+
+
 def _final_nu_mean_ratio(decay=0.999, **options):
     """Signal swamping: |g| drops 100x mid-run; decoded mean nu over float32 mean nu at the end."""
     scales = jnp.asarray(np.concatenate([np.ones(1000), np.full(2000, 0.01)]), jnp.float32)
