@@ -337,8 +337,9 @@ def _block_maxima(
     if whole:
         blocks = rows(0, whole * block_size).reshape((*shape[:axis], whole, block_size, *shape[axis + 1 :]))
         parts.append(tree_reduce(blocks, axis + 1, jnp.maximum, jnp.max, stop=1, token=token))
-    if whole * block_size < n:
-        parts.append(jnp.expand_dims(tree_reduce(rows(whole * block_size, n), axis, jnp.maximum, jnp.max), axis))
+    if whole * block_size < n:  # the shorter last block: the whole row when rows are shorter than a block
+        rest = tree_reduce(rows(whole * block_size, n), axis, jnp.maximum, jnp.max, stop=1, token=token)
+        parts.append(jnp.expand_dims(rest, axis))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
