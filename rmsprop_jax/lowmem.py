@@ -62,7 +62,7 @@ Ways to store the state in fewer bytes, selected by options of
   codes. Like the 8-bit codes they are the top bits of the float32 ratio, so
   encoding is integer arithmetic: 1.9-2.1× the float32-state step with the
   earlier fourth-power map :math:`(c/15)^4` (two square roots per element to
-  encode), 1.37-1.46× with this one (1e7 parameters, 2 CPU cores). With 16 codes a step of v is far below one
+  encode), 1.20-1.34× with this one (1e7 parameters, 2 CPU cores). With 16 codes a step of v is far below one
   code for any decay near 1 (*signal swamping*): with round-to-nearest the
   stored v sticks, while stochastic rounding keeps the mean unbiased at the
   price of elementwise noise, which the square root halves in the step. On
@@ -91,9 +91,10 @@ Ways to store the state in fewer bytes, selected by options of
   error of the decoded ``nu`` from 14-16 % to 1.2-4.0 % (8-bit) and from
   47-48 % to 29-44 % (4-bit), and rare tokens' mean 4-bit step from 1.24×
   to 1.08× the float32 step. Their block maxima reduce within each row,
-  which costs more on the CPU: at 1e7 parameters in rows of 128 a
-  row-block step took 1.09-1.36× the column-block step (8-bit) and
-  1.03-1.11× (4-bit) in three timings; in rows of 1,000, 1.5-1.6×.
+  which costs more on the CPU in long rows: at 1e7 parameters in rows of
+  128 a row-block step took 0.96-1.01× the column-block step (8-bit) and
+  0.97-0.99× (4-bit) in two timings; in rows of 1,000, 1.48× (8-bit) and
+  1.06× (4-bit) in one.
 
 * ``factored=True``: ``nu`` of every matrix whose two largest axes both have
   at least ``factored_min_dim`` (128) elements is kept as Adafactor's
