@@ -171,13 +171,13 @@ class Elementwise:
         return self.fn(*(view(x) for x in self.operands))
 
     def twin(self) -> jax.Array:
-        """The same values as ``value(self)`` for an even `fn` (|g|²), by operations that XLA keeps apart.
+        """The same values as ``value(self)`` for an even `fn` (a squared magnitude), by operations XLA keeps apart.
 
-        `fn` is applied to max(a, −a) = |a| of each real operand. A second
-        consumer of the value that reads this twin gets its own copy of the
-        cheap producer: XLA merges identical expressions, and rewrites
-        |a|·|a| to a·a, but keeps max(a, −a). Complex operands give the
-        value itself.
+        `fn` is applied to ``max(a, -a)``, the magnitude of each real operand
+        ``a``. A second consumer of the value that reads this twin gets its
+        own copy of the cheap producer: XLA merges identical expressions, and
+        rewrites ``abs(a) * abs(a)`` to ``a * a``, but keeps ``max(a, -a)``.
+        Complex operands give the value itself.
         """
         if any(jnp.iscomplexobj(x) for x in self.operands):
             return value(self)
