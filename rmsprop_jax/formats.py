@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -196,16 +195,16 @@ def written(stored: Any, token: jax.Array) -> Any:
     from the old one in every kernel that uses it (it duplicates cheap
     elementwise producers into their consumers): the kernel that reads it
     then runs after the one that writes it, and the old buffer, overwritten
-    in place, needs no copy. It is a conditional on ``token >= 0``, for an
-    integer scalar `token` known only at run time (the step count, a random
-    key), whose branches are two different identities: XLA removes a
-    conditional whose branches are the same, and does not fuse across one.
-    Either branch gives `stored` (the other adds a zero; only a −0.0 would
-    become +0.0).
+    in place, needs no copy. It is a conditional on an integer scalar
+    `token` known only at run time (the step count, a random key), whose
+    branches are two different identities: XLA removes a conditional whose
+    branches are the same, and does not fuse across one. Either branch gives
+    `stored` (the other adds a zero; only a −0.0 would become +0.0). The
+    predicate reads the token as int32: ``>= 0`` of an unsigned key would
+    always hold, and XLA would fold the conditional away.
     """
-    return jax.lax.cond(
-        token >= 0, lambda t: t, lambda t: jax.tree.map(lambda a: a + jnp.zeros((), a.dtype), t), stored
-    )
+    predicate = jnp.asarray(token).astype(jnp.int32) >= 0
+    return jax.lax.cond(predicate, lambda t: t, lambda t: jax.tree.map(lambda a: a + jnp.zeros((), a.dtype), t), stored)
 
 
 def for_update(fmt: Format, value: jax.Array, stored: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, Any]:
@@ -300,13 +299,13 @@ def tree_reduce(
     remaining halvings read that.
     """
     axis = axis % x.ndim
-    for level in itertools.count():
-        if x.shape[axis] <= stop or x.shape[axis] % 2:
-            break
+    level = 0
+    while x.shape[axis] > stop and x.shape[axis] % 2 == 0:
         if level == _FUSED_HALVINGS and token is not None:
             x = written(x, token)
         half = x.shape[axis] // 2
         x = combine(jax.lax.slice_in_dim(x, 0, half, axis=axis), jax.lax.slice_in_dim(x, half, 2 * half, axis=axis))
+        level += 1
     return reduce(x, axis=axis)
 
 
@@ -803,7 +802,7 @@ class Blockwise:
         x_view = view(value(x).astype(jnp.float32))
         v = decay * _decode_view(stored) + complement * x_view
         viewed = Elementwise(x.fn, tuple(view(a) for a in x.operands)) if isinstance(x, Elementwise) else x_view
-        maxima = _block_maxima(viewed, self.block_size, self.row_blocks, key.astype(jnp.int32))
+        maxima = _block_maxima(viewed, self.block_size, self.row_blocks, key)
         scale = decay * stored.scale + complement * maxima
         if self.bits == 8:
             bits = _random.random_bits(v.shape, key) if self.stochastic else None
@@ -815,14 +814,14 @@ class Blockwise:
                 # Each set of rows recomputes its v from its own nibbles and slices of g (see Elementwise).
                 old_scale = _pair_scale(stored.scale, self.block_size, self.row_blocks, k, old.shape)
                 old_k = old_scale * _code_value((old >> (4 * k)) & 15, 4)
-                x_k = x.of(lambda a: _paired(view(a), k)) if isinstance(x, Elementwise) else _paired(x_view, k)
+                x_k = viewed.of(lambda a: _paired(a, k)) if isinstance(viewed, Elementwise) else _paired(x_view, k)
                 return decay * old_k + complement * x_k.astype(jnp.float32)
 
-            # One hash per byte (`_random.split_halves`): half the hashing of one per element.
-            word = _random.random_bits(stored.codes.shape, key) if self.stochastic else None
+            # One hash per byte, its halves for the two sets of rows: half the hashing of one per element.
+            halves = _random.split_halves(_random.random_bits(stored.codes.shape, key)) if self.stochastic else None
 
             def bits_of_pair(k: int) -> jax.Array | None:
-                return None if word is None else _random.split_halves(word)[k]
+                return None if halves is None else halves[k]
 
             codes = _encode_pairs(v_of_pair, _inverse(scale), self.block_size, self.row_blocks, bits_of_pair)
         return v.reshape(stored.shape), self._quantized(codes, scale, stored.shape)
@@ -936,7 +935,7 @@ class Factored:
         twin = x.twin() if isinstance(x, Elementwise) else squares
         row = decay * stored.row + complement * (jnp.sum(twin.astype(jnp.float32), axis=b) / shape[b] + eps)
         # The random key is only a run-time token here (see `written`): float32 means need no rounding.
-        col_sums = tree_reduce(squares, a, jnp.add, jnp.sum, token=key.astype(jnp.int32))
+        col_sums = tree_reduce(squares, a, jnp.add, jnp.sum, token=key)
         col = decay * stored.col + complement * (col_sums / shape[a] + eps)
         return self._reconstruct(row, col), FactoredArray(row, col, stored.shape, self.axes)
 
